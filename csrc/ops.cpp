@@ -1,0 +1,43 @@
+// Schemas of the entskip custom ops, defined once. Implementations register per
+// dispatch key in csrc/cpu/*.cpp (and csrc/cuda/*.cpp when built with CUDA).
+//
+// All ops take 2-D row-major activations: x (N, D_in), branch/grad (N, D_out).
+// The Python layer (python/entskip/ops.py) flattens leading dims, makes inputs
+// contiguous, validates layouts and registers autograd and fake kernels.
+//
+//   y = alpha * (x @ M^T) + branch                      (branch optional)
+//
+// Dense:  M = weight (D_out, D_in).
+// BSR:    M has b x b blocks values[k] at block row i, block column col[k] for
+//         crow[i] <= k < crow[i+1]; ccol/row/perm describe the same blocks in
+//         column-major (transposed) order: block t of column j is values[perm[t]]
+//         at block row row[t]. The backward walks the transposed order for dx.
+//
+// Backward ops return (dx, dM, dalpha), each undefined (None) when its entry of
+// output_mask is false:
+//   dx = alpha * (grad @ M),  dM = alpha * (grad^T @ x) on M's blocks,
+//   dalpha = <grad^T @ x, M>  (float, shape of alpha).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing entskip._C loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(entskip, m) {
+  m.def("dense_skip_add(Tensor x, Tensor weight, Tensor alpha, Tensor? branch) -> Tensor");
+  m.def(
+      "dense_skip_add_backward(Tensor grad, Tensor x, Tensor weight, Tensor alpha, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bsr_skip_add(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+      "Tensor ccol_indices, Tensor row_indices, Tensor perm, Tensor alpha, Tensor? branch) -> Tensor");
+  m.def(
+      "bsr_skip_add_backward(Tensor grad, Tensor x, Tensor values, Tensor crow_indices, "
+      "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor perm, Tensor alpha, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,79 @@
+"""Block-sparse (BSR) skip-add op family: ``y = alpha * (x @ M^T) + branch``.
+
+``torch.ops.entskip.bsr_skip_add`` (schema in ``csrc/ops.cpp``) with its fake kernel
+and autograd formula, and :func:`bsr_skip_add`, which picks the backend. ``M`` is
+``(R*b, C*b)`` with ``b x b`` blocks ``values (nnzb, b, b)`` placed by a validated
+:class:`entskip.mappings.BlockLayout` (passed as its index tensors, so the op
+sees only tensors). Shapes: ``x (N, C*b)``, ``branch (N, R*b)`` or ``None``,
+``alpha`` 0-d floating tensor; returns ``(N, R*b)``.
+
+Backward (``g = dL/dy``): ``dx = alpha * g @ M`` through the transposed layout,
+``dvalues = alpha * (g^T @ x)`` sampled on M's blocks only,
+``dalpha = <g^T @ x, M>`` from the same sampled product, ``dbranch = g``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+
+
+def bsr_skip_add(
+    x: Tensor,
+    values: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    ccol_indices: Tensor,
+    row_indices: Tensor,
+    perm: Tensor,
+    branch: Tensor | None,
+    alpha: Tensor,
+) -> Tensor:
+    """Run the BSR skip-add on the active backend (inputs and layout already validated)."""
+    if backends.resolve(x.device) == "reference":
+        return reference.bsr_skip_add(x, values, crow_indices, col_indices, branch, alpha)
+    return torch.ops.entskip.bsr_skip_add(
+        x.contiguous(),
+        values.contiguous(),
+        crow_indices,
+        col_indices,
+        ccol_indices,
+        row_indices,
+        perm,
+        alpha,
+        None if branch is None else branch.contiguous(),
+    )
+
+
+if backends.native_available():
+
+    @torch.library.register_fake("entskip::bsr_skip_add")
+    def _(x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, branch):
+        return x.new_empty(x.shape[0], (crow_indices.shape[0] - 1) * values.shape[-1])
+
+    @torch.library.register_fake("entskip::bsr_skip_add_backward")
+    def _(grad, x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, output_mask):
+        return (
+            torch.empty_like(x) if output_mask[0] else None,
+            torch.empty_like(values) if output_mask[1] else None,
+            torch.empty_like(alpha) if output_mask[2] else None,
+        )
+
+    def _setup_context(ctx, inputs, output):
+        x, values, *layout, alpha, _branch = inputs
+        ctx.save_for_backward(x, values, *layout, alpha)
+
+    def _backward(ctx, grad):
+        x, values, *layout, alpha = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_x, need_values, need_alpha, need_branch = need[0], need[1], need[7], need[8]
+        dx = dvalues = dalpha = None
+        if need_x or need_values or need_alpha:
+            dx, dvalues, dalpha = torch.ops.entskip.bsr_skip_add_backward(
+                grad, x, values, *layout, alpha, [need_x, need_values, need_alpha]
+            )
+        return dx, dvalues, None, None, None, None, None, dalpha, grad if need_branch else None
+
+    torch.library.register_autograd("entskip::bsr_skip_add", _backward, setup_context=_setup_context)

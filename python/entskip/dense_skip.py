@@ -1,0 +1,57 @@
+"""Dense skip-add op family: ``y = alpha * (x @ W^T) + branch`` on 2-D activations.
+
+``torch.ops.entskip.dense_skip_add`` (schema in ``csrc/ops.cpp``) with its fake kernel
+and autograd formula, and :func:`dense_skip_add`, which picks the backend. Shapes:
+``x (N, D_in)``, ``weight (D_out, D_in)``, ``branch (N, D_out)`` or ``None``,
+``alpha`` 0-d floating tensor; returns ``(N, D_out)``.
+
+Backward (``g = dL/dy``): ``dx = alpha * g @ W``, ``dW = alpha * g^T @ x``,
+``dalpha = <g^T @ x, W>``, ``dbranch = g``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+
+
+def dense_skip_add(x: Tensor, weight: Tensor, branch: Tensor | None, alpha: Tensor) -> Tensor:
+    """Run the dense skip-add on the active backend (inputs already validated)."""
+    if backends.resolve(x.device) == "reference":
+        return reference.skip_add(x, weight, branch, alpha)
+    return torch.ops.entskip.dense_skip_add(
+        x.contiguous(), weight.contiguous(), alpha, None if branch is None else branch.contiguous()
+    )
+
+
+if backends.native_available():
+
+    @torch.library.register_fake("entskip::dense_skip_add")
+    def _(x, weight, alpha, branch):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("entskip::dense_skip_add_backward")
+    def _(grad, x, weight, alpha, output_mask):
+        return (
+            torch.empty_like(x) if output_mask[0] else None,
+            torch.empty_like(weight) if output_mask[1] else None,
+            torch.empty_like(alpha) if output_mask[2] else None,
+        )
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, alpha, _branch = inputs
+        ctx.save_for_backward(x, weight, alpha)
+
+    def _backward(ctx, grad):
+        x, weight, alpha = ctx.saved_tensors
+        need_x, need_w, need_alpha, need_branch = ctx.needs_input_grad
+        dx = dw = dalpha = None
+        if need_x or need_w or need_alpha:
+            dx, dw, dalpha = torch.ops.entskip.dense_skip_add_backward(
+                grad, x, weight, alpha, [need_x, need_w, need_alpha]
+            )
+        return dx, dw, dalpha, grad if need_branch else None
+
+    torch.library.register_autograd("entskip::dense_skip_add", _backward, setup_context=_setup_context)

@@ -1,0 +1,473 @@
+"""Skip mappings ``M`` (DESIGN section 2) as ``nn.Module``s, and their constructors.
+
+A mapping holds ``M`` (``out_features x in_features``) in the storage that suits its
+structure and runs ``y = alpha * (x @ M^T) + branch`` through the matching op:
+
+============================  =================================  ==========================
+constructor                   storage                            op
+============================  =================================  ==========================
+:func:`identity`              none                               elementwise
+:func:`orthogonal`            dense ``weight`` (D, D)            dense skip-add (GEMM)
+:func:`block_orthogonal`      block-diagonal BSR ``values``      BSR skip-add
+:func:`permutation`           ``index`` (D,)                     gather
+:func:`sparse`                BSR ``values`` at a block density  BSR skip-add
+:func:`structural`            block-banded BSR ``values``        BSR skip-add
+============================  =================================  ==========================
+
+The Entangled Residual Mappings paper asks that a mapping share key attributes of the
+identity (eigenvalues, structure, Jacobian norm) without giving a recipe. The
+constructions below are entskip's own; each docstring says which attribute it keeps,
+and :meth:`Mapping.properties` measures them. Every random construction takes a
+``seed`` and is reproducible.
+
+Mappings are frozen by default (their matrix is a buffer). ``learnable=True`` makes
+it a parameter; orthogonal kinds then stay orthogonal through a parametrization.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from . import reference
+from .bsr_skip import bsr_skip_add
+from .dense_skip import dense_skip_add
+from .layout import BlockLayout
+
+__all__ = [
+    "BlockLayout",
+    "Mapping",
+    "IdentityMapping",
+    "DenseMapping",
+    "PermutationMapping",
+    "BlockSparseMapping",
+    "BatchedCayley",
+    "identity",
+    "orthogonal",
+    "block_orthogonal",
+    "permutation",
+    "sparse",
+    "structural",
+    "make",
+    "MAPPINGS",
+]
+
+
+def _check_dim(dim) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    return dim
+
+
+def _check_block(dim: int, block) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block size must be a positive int, got {block!r}")
+    if dim % block:
+        raise ValueError(f"dim {dim} is not divisible by the block size {block}")
+    return block
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _haar(shape: tuple[int, ...], seed: int) -> Tensor:
+    """Haar-random orthogonal matrices ``(..., n, n)`` in float64, row-major.
+
+    QR of a Gaussian with the signs fixed by ``diag(R)``. ``torch.linalg.qr`` returns a
+    column-major Q; the result is made contiguous so kernels read ``M``, not ``M^T``.
+    """
+    q, r = torch.linalg.qr(torch.randn(shape, generator=_generator(seed), dtype=torch.float64))
+    return (q * torch.diagonal(r, dim1=-2, dim2=-1).sign().unsqueeze(-2)).contiguous()
+
+
+def spectral_norm(matrix: Tensor) -> float:
+    """Largest singular value of a dense matrix, exactly (float64, ``O(D^3)``)."""
+    m = matrix.detach().to("cpu", torch.float64)
+    return float(torch.linalg.eigvalsh(m.mT @ m)[-1].clamp_min(0).sqrt())
+
+
+class Mapping(nn.Module):
+    """A skip mapping ``M`` of shape ``(out_features, in_features)``.
+
+    Subclasses implement :meth:`matrix` (the dense ``M``, for the reference and the
+    analysis) and :meth:`skip_add_2d` (the fused op on ``(N, D_in)`` activations).
+    """
+
+    kind = "mapping"
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def matrix(self) -> Tensor:
+        """The dense ``(out_features, in_features)`` matrix ``M``."""
+        raise NotImplementedError
+
+    def skip_add_2d(self, x: Tensor, branch: Tensor | None, alpha: Tensor) -> Tensor:
+        """``alpha * (x @ M^T) + branch`` for validated ``x (N, in_features)``."""
+        raise NotImplementedError
+
+    @property
+    def density(self) -> float:
+        """Fraction of ``M``'s entries that are stored (structural non-zeros)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def properties(self) -> dict[str, float]:
+        """Measured attributes of ``M`` in float64 (``O(D^3)``: meant for checks, not loops).
+
+        ``spectral_norm`` (the Jacobian norm of the skip), ``min_singular_value``,
+        ``density``; for square ``M`` also ``eig_abs_min``/``eig_abs_max`` (range of
+        eigenvalue moduli) and ``orthogonality_error`` (``max |M^T M - I|``).
+        """
+        m = self.matrix().detach().to("cpu", torch.float64)
+        sv = torch.linalg.svdvals(m)
+        out = {"spectral_norm": float(sv[0]), "min_singular_value": float(sv[-1]), "density": self.density}
+        if m.shape[0] == m.shape[1]:
+            moduli = torch.linalg.eigvals(m).abs()
+            out["eig_abs_min"], out["eig_abs_max"] = float(moduli.min()), float(moduli.max())
+            out["orthogonality_error"] = float((m.mT @ m - torch.eye(m.shape[0], dtype=m.dtype)).abs().max())
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class IdentityMapping(Mapping):
+    """``M = I``: the ordinary residual (``alpha = 1``) or Zhang et al.'s decayed shortcut."""
+
+    kind = "identity"
+
+    def __init__(self, dim: int):
+        dim = _check_dim(dim)
+        super().__init__(dim, dim)
+
+    def matrix(self) -> Tensor:
+        return torch.eye(self.in_features)
+
+    def skip_add_2d(self, x, branch, alpha):
+        return reference.identity_skip_add(x, branch, alpha)
+
+    @property
+    def density(self) -> float:
+        return 1.0 / self.in_features
+
+
+class DenseMapping(Mapping):
+    """A dense ``weight (out_features, in_features)``; runs the dense skip-add (a GEMM)."""
+
+    kind = "dense"
+
+    def __init__(self, weight: Tensor, learnable: bool = False):
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', type(weight))}")
+        super().__init__(weight.shape[1], weight.shape[0])
+        weight = weight.detach().contiguous()
+        if learnable:
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight)
+
+    def matrix(self) -> Tensor:
+        return self.weight
+
+    def skip_add_2d(self, x, branch, alpha):
+        return dense_skip_add(x, self.weight.to(x.dtype), branch, alpha)
+
+    @property
+    def density(self) -> float:
+        return 1.0
+
+
+class PermutationMapping(Mapping):
+    """``M[i, index[i]] = 1``: orthogonal and 1-sparse, run as a gather ``x[..., index]``."""
+
+    kind = "permutation"
+
+    def __init__(self, index: Tensor):
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype.is_floating_point:
+            raise ValueError("index must be a 1-D integer tensor")
+        n = index.numel()
+        if not torch.equal(torch.sort(index.cpu()).values, torch.arange(n)):
+            raise ValueError(f"index must be a permutation of 0..{n - 1}")
+        super().__init__(n, n)
+        self.register_buffer("index", index.to(torch.int64))
+
+    def matrix(self) -> Tensor:
+        return torch.eye(self.in_features, device=self.index.device)[self.index]
+
+    def skip_add_2d(self, x, branch, alpha):
+        return reference.permutation_skip_add(x, self.index, branch, alpha)
+
+    @property
+    def density(self) -> float:
+        return 1.0 / self.in_features
+
+
+class BlockSparseMapping(Mapping):
+    """A block-sparse ``M``: ``values (nnzb, b, b)`` placed by a validated :class:`BlockLayout`.
+
+    The layout lives in buffers (``crow_indices`` and ``col_indices`` are saved; the
+    transposed order is derived) so it moves with ``.to()`` and round-trips through
+    ``state_dict``; a loaded layout is validated before it replaces the current one.
+    """
+
+    kind = "block_sparse"
+
+    def __init__(self, layout: BlockLayout, values: Tensor, learnable: bool = False):
+        if not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        b = layout.block
+        if not isinstance(values, Tensor) or tuple(values.shape) != (layout.nnzb, b, b):
+            raise ValueError(f"values must have shape {(layout.nnzb, b, b)}, got {tuple(getattr(values, 'shape', ()))}")
+        super().__init__(layout.shape[1], layout.shape[0])
+        self.block = b
+        self._set_layout(layout.to(values.device))
+        values = values.detach().contiguous()
+        if learnable:
+            self.values = nn.Parameter(values)
+        else:
+            self.register_buffer("values", values)
+
+    def _set_layout(self, layout: BlockLayout) -> None:
+        for name, t in zip(("crow_indices", "col_indices", "ccol_indices", "row_indices", "perm"), layout.tensors()):
+            self.register_buffer(name, t, persistent=name in ("crow_indices", "col_indices"))
+
+    @property
+    def layout(self) -> BlockLayout:
+        """The (validated) layout, on the mapping's device."""
+        return BlockLayout._trusted(
+            self.block,
+            (self.out_features, self.in_features),
+            self.crow_indices,
+            self.col_indices,
+            self.ccol_indices,
+            self.row_indices,
+            self.perm,
+        )
+
+    def matrix(self) -> Tensor:
+        return self.layout.to_dense(self.values)
+
+    def skip_add_2d(self, x, branch, alpha):
+        return bsr_skip_add(
+            x,
+            self.values.to(x.dtype),
+            self.crow_indices,
+            self.col_indices,
+            self.ccol_indices,
+            self.row_indices,
+            self.perm,
+            branch,
+            alpha,
+        )
+
+    @property
+    def density(self) -> float:
+        return self.layout.density
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
+        if crow is not None and col is not None:
+            try:
+                layout = BlockLayout(crow, col, self.block, (self.out_features, self.in_features))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"invalid block layout in state_dict at '{prefix}': {err}") from err
+            values = state_dict.get(prefix + "values")
+            if values is not None and not parametrize.is_parametrized(self, "values"):
+                expected = (layout.nnzb, self.block, self.block)
+                if tuple(values.shape) != expected:
+                    raise ValueError(
+                        f"state_dict '{prefix}values' has shape {tuple(values.shape)}, but its layout needs {expected}"
+                    )
+                if self.values.shape != values.shape:  # another density: resize before the copy
+                    self.values.data = self.values.new_empty(expected)
+            self._set_layout(layout.to(self.crow_indices.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, block={self.block}, nnzb={self.layout.nnzb}, density={self.density:.4g}"
+
+
+class BatchedCayley(nn.Module):
+    """Parametrization keeping a batch of ``b x b`` blocks orthogonal.
+
+    ``values = base @ cayley(A - A^T)`` with ``cayley(S) = (I - S)^{-1} (I + S)``, which is
+    orthogonal for every skew-symmetric ``S``. ``base`` holds the initial orthogonal
+    blocks, so the mapping starts where it was built (``A = 0``). Cost: ``O(nnzb b^3)``
+    per forward, ``D b^2`` for a block-diagonal mapping, far below a dense Cayley map.
+    """
+
+    def __init__(self, blocks: Tensor):
+        super().__init__()
+        self.register_buffer("base", blocks.detach().clone())
+
+    def forward(self, a: Tensor) -> Tensor:
+        s = a - a.mT
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        return self.base @ torch.linalg.solve(eye - s, eye + s)
+
+    def right_inverse(self, blocks: Tensor) -> Tensor:
+        self.base = blocks.detach().clone()
+        return torch.zeros_like(blocks)
+
+
+def _finish(mapping: Mapping, dtype, device) -> Mapping:
+    return mapping.to(device=device, dtype=dtype or torch.get_default_dtype())
+
+
+def identity(dim: int) -> IdentityMapping:
+    """``M = I`` (no storage)."""
+    return IdentityMapping(dim)
+
+
+def orthogonal(
+    dim: int, *, seed: int = 0, learnable: bool = False, orthogonal_map: str = "cayley", dtype=None, device=None
+) -> DenseMapping:
+    """Haar-random orthogonal ``D x D`` matrix (QR of a Gaussian, signs fixed by ``diag(R)``).
+
+    Keeps ``|eigenvalues| = 1`` and Jacobian (spectral) norm 1. ``learnable=True``
+    registers ``torch.nn.utils.parametrizations.orthogonal`` (``orthogonal_map``,
+    trivialized at the initial matrix) so the weight stays orthogonal while it trains.
+    """
+    mapping = DenseMapping(_haar((_check_dim(dim), dim), seed), learnable=learnable)
+    mapping.kind = "orthogonal"
+    mapping = _finish(mapping, dtype, device)
+    if learnable:
+        nn.utils.parametrizations.orthogonal(mapping, "weight", orthogonal_map=orthogonal_map)
+    return mapping
+
+
+def block_orthogonal(
+    dim: int, block: int = 32, *, seed: int = 0, learnable: bool = False, dtype=None, device=None
+) -> BlockSparseMapping:
+    """Block-diagonal ``M`` of Haar-random ``b x b`` orthogonal blocks.
+
+    Exactly orthogonal (``|eigenvalues| = 1``, spectral norm 1) and ``b / D`` dense.
+    ``learnable=True`` keeps the blocks orthogonal through :class:`BatchedCayley`.
+    """
+    dim = _check_dim(dim)
+    block = _check_block(dim, block)
+    n = dim // block
+    layout = BlockLayout(torch.arange(n + 1), torch.arange(n), block, (dim, dim))
+    mapping = BlockSparseMapping(layout, _haar((n, block, block), seed), learnable=learnable)
+    mapping.kind = "block_orthogonal"
+    mapping = _finish(mapping, dtype, device)
+    if learnable:
+        parametrize.register_parametrization(mapping, "values", BatchedCayley(mapping.values))
+    return mapping
+
+
+def permutation(dim: int, *, seed: int = 0, device=None) -> PermutationMapping:
+    """A random permutation matrix: orthogonal, one non-zero per row (run as a gather)."""
+    index = torch.randperm(_check_dim(dim), generator=_generator(seed))
+    return PermutationMapping(index).to(device=device)
+
+
+def _normalized(values: Tensor, layout: BlockLayout, normalize: str | None) -> Tensor:
+    if normalize is None:
+        return values
+    if normalize != "spectral":
+        raise ValueError(f"normalize must be 'spectral' or None, got {normalize!r}")
+    return values / spectral_norm(layout.to_dense(values))
+
+
+def sparse(
+    dim: int,
+    density: float = 0.125,
+    block: int = 32,
+    *,
+    seed: int = 0,
+    normalize: str | None = "spectral",
+    learnable: bool = False,
+    dtype=None,
+    device=None,
+) -> BlockSparseMapping:
+    """The Entangled paper's sparse mapping, as entskip constructs it.
+
+    Identity diagonal blocks plus random off-diagonal blocks so that every block row
+    holds ``k = max(1, round(density * D / b))`` blocks; off-diagonal entries are
+    ``N(0, 1 / (k b))``. With ``normalize="spectral"`` (default) the matrix is divided
+    by its spectral norm, so the skip's Jacobian norm is 1 like the identity's. Keeps
+    the identity's sparse, diagonal-dominant structure. Block sizes 16, 32 and 64 are
+    the ones the GPU kernels are tuned for; any block dividing ``dim`` is accepted.
+    """
+    dim = _check_dim(dim)
+    block = _check_block(dim, block)
+    if not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    n = dim // block
+    k = min(n, max(1, round(density * n)))
+    gen = _generator(seed)
+    mask = torch.eye(n, dtype=torch.bool)
+    for i in range(n):
+        others = torch.randperm(n - 1, generator=gen)[: k - 1]
+        mask[i, others + (others >= i).long()] = True
+    layout = BlockLayout.from_mask(mask, block)
+    values = torch.randn(layout.nnzb, block, block, generator=gen, dtype=torch.float64) / math.sqrt(k * block)
+    values[reference.block_rows(layout.crow_indices) == layout.col_indices] = torch.eye(block, dtype=torch.float64)
+    mapping = BlockSparseMapping(layout, _normalized(values, layout, normalize), learnable=learnable)
+    mapping.kind = "sparse"
+    return _finish(mapping, dtype, device)
+
+
+def structural(
+    dim: int,
+    rho: float = 0.5,
+    bandwidth: int | None = None,
+    block: int = 32,
+    *,
+    normalize: str | None = "spectral",
+    learnable: bool = False,
+    dtype=None,
+    device=None,
+) -> BlockSparseMapping:
+    """A banded Toeplitz correlation matrix ``C_ij = rho^|i-j|`` for ``|i-j| <= bandwidth``.
+
+    Symmetric with a constant diagonal and positive real eigenvalues (positive
+    definiteness is checked; a band that breaks it raises ``ValueError``). Stored
+    block-banded; ``bandwidth`` defaults to ``block``. ``normalize="spectral"``
+    (default) rescales to spectral norm 1, which makes the diagonal ``1 / lambda_max``;
+    ``normalize=None`` keeps the unit diagonal of a correlation matrix. Deterministic:
+    there is nothing random to seed.
+    """
+    dim = _check_dim(dim)
+    block = _check_block(dim, block)
+    bandwidth = block if bandwidth is None else bandwidth
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, int) or bandwidth < 0:
+        raise ValueError(f"bandwidth must be a non-negative int, got {bandwidth!r}")
+    if not isinstance(rho, (int, float)) or not -1 < rho < 1:
+        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
+    idx = torch.arange(dim)
+    lag = (idx[:, None] - idx[None, :]).abs()
+    dense = torch.where(lag <= bandwidth, torch.tensor(float(rho), dtype=torch.float64) ** lag, 0.0)
+    if torch.linalg.cholesky_ex(dense).info != 0:
+        raise ValueError(f"structural(rho={rho}, bandwidth={bandwidth}) is not positive definite")
+    n = dim // block
+    bidx = torch.arange(n)
+    block_gap = ((bidx[:, None] - bidx[None, :]).abs() * block - (block - 1)).clamp_min(0)
+    layout = BlockLayout.from_mask(block_gap <= bandwidth, block)
+    mapping = BlockSparseMapping(layout, _normalized(layout.gather(dense), layout, normalize), learnable=learnable)
+    mapping.kind = "structural"
+    return _finish(mapping, dtype, device)
+
+
+MAPPINGS = {
+    "identity": identity,
+    "orthogonal": orthogonal,
+    "block_orthogonal": block_orthogonal,
+    "permutation": permutation,
+    "sparse": sparse,
+    "structural": structural,
+}
+
+
+def make(name: str, dim: int, **kwargs) -> Mapping:
+    """Build a mapping by name (a key of :data:`MAPPINGS`) with its constructor's keywords."""
+    if name not in MAPPINGS:
+        raise ValueError(f"unknown mapping {name!r}; choose one of {sorted(MAPPINGS)}")
+    return MAPPINGS[name](dim, **kwargs)

@@ -1,0 +1,139 @@
+"""Public functional API: :func:`skip_add`.
+
+    y = alpha * (x @ M^T) + branch
+
+``x`` is ``(..., D_in)`` (or has its features along ``feature_dim``, e.g. ``1`` for
+``(N, C, H, W)`` activations), ``branch`` has ``x``'s shape with ``D_out`` features
+(or is ``None``), ``alpha`` is a float or a 0-d floating tensor. The op runs on the
+backend chosen by :mod:`entskip.backends`; every backend computes the same function
+and supports autograd and ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .bsr_skip import bsr_skip_add
+from .dense_skip import dense_skip_add
+from .layout import BlockLayout
+from .mappings import Mapping
+
+
+def _bound(mapping) -> tuple[int | None, int | None, Callable[[Tensor, Tensor | None, Tensor], Tensor]]:
+    """``(in_features, out_features, run)`` of a mapping argument; ``run(x2d, branch2d, alpha)``."""
+    if isinstance(mapping, Mapping):
+        return mapping.in_features, mapping.out_features, mapping.skip_add_2d
+    if mapping is None:
+        return None, None, reference.identity_skip_add
+    if not isinstance(mapping, Tensor):
+        raise TypeError(f"mapping must be an entskip Mapping, a tensor or None, got {type(mapping).__name__}")
+    if mapping.layout == torch.sparse_bsr:
+        b = mapping.values().shape[-1]
+        layout = BlockLayout(mapping.crow_indices(), mapping.col_indices(), b, tuple(mapping.shape))
+        values = mapping.values()
+
+        def run(x, branch, alpha):
+            return bsr_skip_add(x, values.to(x.dtype), *layout.tensors(), branch, alpha)
+
+        return layout.shape[1], layout.shape[0], run
+    _check_floating(mapping, "mapping")
+    if mapping.dim() != 2:
+        raise ValueError(f"mapping must be a 2-D (D_out, D_in) matrix, got shape {tuple(mapping.shape)}")
+    return mapping.shape[1], mapping.shape[0], lambda x, branch, alpha: dense_skip_add(x, mapping.to(x.dtype), branch, alpha)
+
+
+def _check_floating(t: Tensor, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a strided (dense) tensor, got layout {t.layout}")
+
+
+def _alpha_tensor(alpha, x: Tensor) -> Tensor:
+    if isinstance(alpha, Tensor):
+        if alpha.numel() != 1 or alpha.dim() > 1:
+            raise ValueError(f"alpha must be a float or a 0-d tensor, got shape {tuple(alpha.shape)}")
+        if not alpha.dtype.is_floating_point:
+            raise TypeError(f"alpha must be floating point, got {alpha.dtype}")
+        alpha = alpha.reshape(()).to(x.device)
+        if not torch.compiler.is_compiling():
+            torch._assert_async(torch.isfinite(alpha), "alpha must be finite (got NaN or Inf)")
+        return alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float or a 0-d tensor, got {type(alpha).__name__}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    return torch.tensor(float(alpha), dtype=torch.float32, device=x.device)
+
+
+def skip_add(
+    x: Tensor,
+    mapping: Mapping | Tensor | None = None,
+    branch: Tensor | None = None,
+    alpha: Tensor | float = 1.0,
+    *,
+    feature_dim: int = -1,
+) -> Tensor:
+    """``alpha * (x @ M^T) + branch``: an entangled (or depth-decayed) residual skip.
+
+    Args:
+        x: ``(..., D_in)`` floating-point activations; any strides.
+        mapping: the skip ``M``: an :class:`entskip.mappings.Mapping` (see
+            :func:`entskip.mappings.make`), a dense ``(D_out, D_in)`` tensor, a
+            ``torch.sparse_bsr_tensor`` (its layout is validated on every call), or
+            ``None`` for the identity. A mapping of another dtype is cast to ``x``'s.
+        branch: the residual branch's output, ``x``'s shape with ``D_out`` features,
+            same dtype and device as ``x``; ``None`` for a pure skip product.
+        alpha: the skip weight, a finite float or 0-d floating tensor (learnable if it
+            requires grad).
+        feature_dim: the dimension of ``x`` and ``branch`` that holds the features
+            (``1`` for ``(N, C, H, W)``; free for ``channels_last`` tensors).
+
+    Returns:
+        ``x``'s shape with ``D_out`` features, ``x``'s dtype; a 4-D result keeps the
+        memory format of ``x``.
+    """
+    _check_floating(x, "x")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the features)")
+    fd = feature_dim % x.dim() if -x.dim() <= feature_dim < x.dim() else None
+    if fd is None:
+        raise ValueError(f"feature_dim {feature_dim} is out of range for x with {x.dim()} dims")
+    d_in, d_out, run = _bound(mapping)
+    if d_in is None:  # identity
+        d_in = d_out = x.shape[fd]
+    if d_in != x.shape[fd]:
+        raise ValueError(f"x has {x.shape[fd]} features along dim {feature_dim}, but the mapping expects {d_in}")
+    out_shape = list(x.shape)
+    out_shape[fd] = d_out
+    if branch is not None:
+        _check_floating(branch, "branch")
+        if branch.dtype != x.dtype:
+            raise TypeError(f"branch has dtype {branch.dtype} but x has dtype {x.dtype}; they must match")
+        if branch.device != x.device:
+            raise ValueError(f"branch is on {branch.device} but x is on {x.device}")
+        if list(branch.shape) != out_shape:
+            raise ValueError(f"branch must have shape {tuple(out_shape)} (x's with D_out features), got {tuple(branch.shape)}")
+    alpha = _alpha_tensor(alpha, x)
+
+    last = fd == x.dim() - 1
+    xm = x if last else x.movedim(fd, -1)
+    lead = xm.shape[:-1]
+    x2 = xm.reshape(-1, d_in)
+    b2 = None
+    if branch is not None:
+        b2 = (branch if last else branch.movedim(fd, -1)).reshape(-1, d_out)
+    y = run(x2, b2, alpha).reshape(*lead, d_out)
+    if last:
+        return y
+    y = y.movedim(-1, fd)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return y  # already channels_last strides
+    return y.contiguous()
