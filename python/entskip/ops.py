@@ -70,7 +70,9 @@ def _alpha_tensor(alpha, x: Tensor) -> Tensor:
         raise TypeError(f"alpha must be a float or a 0-d tensor, got {type(alpha).__name__}")
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
-    return torch.tensor(float(alpha), dtype=torch.float32, device=x.device)
+    # float32 like a module's alpha, unless x is float64 (which must not see a rounded alpha)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.tensor(float(alpha), dtype=dtype, device=x.device)
 
 
 def skip_add(

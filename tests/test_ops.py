@@ -1,0 +1,194 @@
+"""Every op and backend against the float64 reference, forward and all gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import entskip
+from entskip import mappings, reference
+
+from conftest import RTOL, assert_close, make_mapping, mapping_matrix
+
+NATIVE_KINDS = ["orthogonal", "dense_rect", "dense_colmajor", "sparse", "sparse_full", "structural", "block_orthogonal", "bsr_rect"]
+ALL_KINDS = NATIVE_KINDS + ["identity", "permutation"]
+RECT = {"dense_rect", "bsr_rect"}
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+LEADS = [(1,), (7,), (3, 100), (2, 3, 5), (2, 1, 3, 4)]  # rank 1..4; 300 rows cross a row tile
+
+
+def _matrix_tensor(mapping):
+    """The stored tensor that holds M (None for identity/permutation)."""
+    if isinstance(mapping, mappings.DenseMapping):
+        return mapping.weight
+    if isinstance(mapping, mappings.BlockSparseMapping):
+        return mapping.values
+    return None
+
+
+def _run(mapping, x, branch, alpha, grad_out):
+    """Forward and the gradients of x, M's storage, alpha and branch."""
+    mat = _matrix_tensor(mapping)
+    y = entskip.skip_add(x, mapping, branch, alpha)
+    inputs = [t for t in (x, mat, alpha, branch) if t is not None]
+    grads = torch.autograd.grad(y, inputs, grad_out)
+    return y, grads
+
+
+def _leaves(dtype, lead, d_in, d_out, with_branch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d_in, generator=gen, dtype=torch.float64).to(dtype)
+    branch = torch.randn(*lead, d_out, generator=gen, dtype=torch.float64).to(dtype) if with_branch else None
+    grad_out = torch.randn(*lead, d_out, generator=gen, dtype=torch.float64).to(dtype)
+    alpha = torch.tensor(0.7, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return x, branch, alpha, grad_out
+
+
+def _check_against_reference(mapping64, dtype, lead, with_branch, seed=0):
+    d_in, d_out = mapping64.in_features, mapping64.out_features
+    x, branch, alpha, grad_out = _leaves(dtype, lead, d_in, d_out, with_branch, seed)
+    mapping = copy.deepcopy(mapping64).to(dtype)
+    ref_mapping = copy.deepcopy(mapping).double()  # the reference sees the same rounded values
+    for m in (mapping, ref_mapping):
+        if _matrix_tensor(m) is not None:
+            _matrix_tensor(m).requires_grad_(True)
+
+    def leaves(cast):
+        return [None if t is None else cast(t).detach().requires_grad_(True) for t in (x, branch, alpha)]
+
+    xk, bk, ak = leaves(lambda t: t)
+    y, grads = _run(mapping, xk, bk, ak, grad_out)
+    with entskip.use_backend("reference"):
+        xr, br, ar = leaves(torch.Tensor.double)
+        y_ref, grads_ref = _run(ref_mapping, xr, br, ar, grad_out.double())
+    assert y.dtype == dtype and y.shape == (*lead, d_out)
+    assert_close(y, y_ref, dtype, "y")
+    names = [n for n, t in zip(("dx", "dM", "dalpha", "dbranch"), (x, _matrix_tensor(mapping), alpha, branch)) if t is not None]
+    # dalpha sums N * D_out * D_in products that cancel: its scale is the sum of their magnitudes.
+    terms = grad_out.double().abs() * (xr.detach().abs() @ mapping_matrix(ref_mapping).abs().mT)
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, dtype, name, scale=max(terms.sum().item(), 1.0) if name == "dalpha" else None)
+
+
+@pytest.mark.parametrize("with_branch", [True, False], ids=["branch", "nobranch"])
+@pytest.mark.parametrize("lead", LEADS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "kind, block", [(k, 8) for k in ALL_KINDS] + [(k, 32) for k in ("sparse", "structural", "block_orthogonal", "bsr_rect")]
+)
+def test_cpu_backend_matches_reference(kind, block, dtype, lead, with_branch, poisoned, cpu_backend):
+    dim, out_dim = 96, (160 if kind in RECT else 96)
+    _check_against_reference(make_mapping(kind, dim, block, seed=3, out_dim=out_dim), dtype, lead, with_branch)
+
+
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
+def test_gradcheck_float64(kind, cpu_backend):
+    mapping = make_mapping(kind, 16, 4, seed=1, out_dim=24)
+    mat = _matrix_tensor(mapping).detach().clone().requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    branch = torch.randn(5, mapping.out_features, generator=gen, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, mat, alpha, branch):
+        if isinstance(mapping, mappings.DenseMapping):
+            return entskip.skip_add(x, mat, branch, alpha)
+        return entskip.bsr_skip.bsr_skip_add(x, mat, *mapping.layout.tensors(), branch, alpha)
+
+    assert torch.autograd.gradcheck(f, (x, mat, alpha, branch))
+
+
+def _bsr_args(dtype=torch.float64, n=6, requires_grad=True):
+    m = make_mapping("bsr_rect", 32, 8, seed=2, out_dim=48).to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 32, generator=gen, dtype=dtype, requires_grad=requires_grad)
+    v = m.values.detach().clone().requires_grad_(requires_grad)
+    a = torch.tensor(0.9, dtype=dtype, requires_grad=requires_grad)
+    r = torch.randn(n, 48, generator=gen, dtype=dtype, requires_grad=requires_grad)
+    return x, v, m.layout.tensors(), a, r
+
+
+def _dense_args(dtype=torch.float64, n=6, requires_grad=True):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 32, generator=gen, dtype=dtype, requires_grad=requires_grad)
+    w = torch.randn(48, 32, generator=gen, dtype=dtype, requires_grad=requires_grad)
+    a = torch.tensor(0.9, dtype=dtype, requires_grad=requires_grad)
+    r = torch.randn(n, 48, generator=gen, dtype=dtype, requires_grad=requires_grad)
+    return x, w, a, r
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("with_branch", [True, False])
+def test_opcheck_forward_ops(dtype, with_branch):
+    x, v, layout, a, r = _bsr_args(dtype)
+    torch.library.opcheck(torch.ops.entskip.bsr_skip_add.default, (x, v, *layout, a, r if with_branch else None))
+    x, w, a, r = _dense_args(dtype)
+    torch.library.opcheck(torch.ops.entskip.dense_skip_add.default, (x, w, a, r if with_branch else None))
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, False], [False, False, True]])
+def test_opcheck_backward_ops(mask):
+    x, v, layout, a, r = _bsr_args(requires_grad=False)
+    torch.library.opcheck(torch.ops.entskip.bsr_skip_add_backward.default, (r, x, v, *layout, a, mask))
+    x, w, a, r = _dense_args(requires_grad=False)
+    torch.library.opcheck(torch.ops.entskip.dense_skip_add_backward.default, (r, x, w, a, mask))
+
+
+def test_backward_mask_leaves_unrequested_grads_undefined():
+    x, v, layout, a, r = _bsr_args(requires_grad=False)
+    dx, dv, da = torch.ops.entskip.bsr_skip_add_backward(r, x, v, *layout, a, [False, True, False])
+    assert dx is None and da is None and dv.shape == v.shape
+
+
+@pytest.mark.parametrize("kind", ["sparse", "orthogonal"])
+def test_empty_batch(kind, cpu_backend):
+    mapping = make_mapping(kind, 32, 8)
+    values = _matrix_tensor(mapping).requires_grad_(True)
+    x = torch.randn(0, 5, 32, dtype=torch.float64, requires_grad=True)
+    branch = torch.randn(0, 5, 32, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    y = entskip.skip_add(x, mapping, branch, alpha)
+    assert y.shape == (0, 5, 32)
+    dx, dv, da, db = torch.autograd.grad(y.sum(), [x, values, alpha, branch])
+    assert dx.shape == x.shape and db.shape == branch.shape
+    assert torch.equal(dv, torch.zeros_like(values)) and da.item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["sparse", "orthogonal", "identity", "permutation"])
+def test_non_contiguous_inputs(kind, poisoned, cpu_backend):
+    mapping = make_mapping(kind, 32, 8)
+    m = mapping_dense = mapping.matrix().double()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 20, generator=gen, dtype=torch.float64).t()  # transposed view
+    branch = torch.randn(20, 64, generator=gen, dtype=torch.float64)[:, ::2]  # strided slice
+    assert not x.is_contiguous() and not branch.is_contiguous()
+    assert_close(entskip.skip_add(x, mapping, branch, 0.3), reference.skip_add(x, m, branch, 0.3), torch.float64, "y")
+    expanded = torch.randn(1, 32, generator=gen, dtype=torch.float64).expand(6, 32)  # stride 0
+    assert_close(entskip.skip_add(expanded, mapping, None, 0.3), reference.skip_add(expanded, mapping_dense, None, 0.3), torch.float64, "y")
+
+
+def test_sparse_bsr_tensor_mapping(cpu_backend):
+    mapping = make_mapping("bsr_rect", 32, 8, seed=5, out_dim=48)
+    bsr = mapping.layout.to_sparse_bsr(mapping.values)
+    x = torch.randn(9, 32, dtype=torch.float64)
+    assert_close(entskip.skip_add(x, bsr, None, 0.5), reference.skip_add(x, mapping.matrix(), None, 0.5), torch.float64, "y")
+
+
+def test_deterministic_forward_backward(cpu_backend):
+    mapping = make_mapping("sparse", 256, 32).float()
+    values = _matrix_tensor(mapping).requires_grad_(True)
+    x = torch.randn(1000, 256, requires_grad=True)
+    alpha = torch.tensor(0.8, requires_grad=True)
+
+    def run():
+        y = entskip.skip_add(x, mapping, None, alpha)
+        return (y, *torch.autograd.grad(y, [x, values, alpha], torch.ones_like(y)))
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def test_tolerances_are_per_dtype():
+    assert RTOL[torch.float64] <= 1e-10 and RTOL[torch.float32] <= 1e-5 and RTOL[torch.bfloat16] <= 1e-2
