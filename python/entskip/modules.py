@@ -85,7 +85,9 @@ class EntangledSkip(nn.Module):
 
     def extra_repr(self) -> str:
         learn = ", learnable_alpha=True" if isinstance(self.alpha, nn.Parameter) else ""
-        return f"dim={self.dim}, kind={self.mapping.kind}, alpha={float(self.alpha):.4g}{learn}"
+        alpha = self.alpha.detach()
+        value = "?" if alpha.device.type == "meta" else f"{float(alpha):.4g}"
+        return f"dim={self.dim}, kind={self.mapping.kind}, alpha={value}{learn}"
 
 
 class EntangledResidual(nn.Module):

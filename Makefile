@@ -1,0 +1,33 @@
+# entskip developer entry points. `make demo` and `make test` work on a fresh machine:
+# they create .venv, install torch and the tools, and build the extension first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned: an unpinned `pip install torch` pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+NATIVE := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
+
+.PHONY: demo test nvcc-check clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH)" numpy ninja pybind11 pytest pytest-benchmark hypothesis
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(NATIVE)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(VENV)/.built
+	$(PY) -m entskip
+
+test: $(VENV)/.built
+	$(PY) -m pytest tests -q
+
+# Compile-only check of the CUDA sources for sm_80 and sm_90 (no GPU needed).
+nvcc-check:
+	bash .ci/nvcc_check.sh
+
+clean:
+	rm -rf $(VENV) build python/*.egg-info python/entskip/_C*.so
