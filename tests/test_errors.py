@@ -76,7 +76,7 @@ def test_alpha_must_be_finite(sparse64, bad, cpu_backend):
     with pytest.raises(RuntimeError, match="alpha must be finite"):
         entskip.skip_add(x, sparse64, None, torch.tensor(bad))
     with pytest.raises(RuntimeError, match="alpha must be finite"):  # the kernel checks too
-        torch.ops.entskip.bsr_skip_add(x, sparse64.values, *sparse64.layout.tensors(), torch.tensor(bad), None)
+        torch.ops.entskip.bsr_skip_add(x, sparse64.blocks, *sparse64.layout.tensors(), torch.tensor(bad), None)
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         entskip.EntangledSkip(64, alpha=bad)
 
@@ -125,19 +125,19 @@ def test_native_op_rejects_corrupt_layouts(sparse64, field, corrupt, message):
     x, a = torch.randn(4, 64), torch.tensor(1.0)
     if field in ("crow", "col"):  # the forward reads only these
         with pytest.raises(RuntimeError, match=message):
-            torch.ops.entskip.bsr_skip_add(x, sparse64.values, *layout, a, None)
+            torch.ops.entskip.bsr_skip_add(x, sparse64.blocks, *layout, a, None)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.entskip.bsr_skip_add_backward(x, x, sparse64.values, *layout, a, [True, True, True])
+        torch.ops.entskip.bsr_skip_add_backward(x, x, sparse64.blocks, *layout, a, [True, True, True])
 
 
 def test_native_op_rejects_bad_shapes(sparse64):
     x, a = torch.randn(4, 64), torch.tensor(1.0)
     with pytest.raises(RuntimeError, match="values must have shape"):
-        torch.ops.entskip.bsr_skip_add(x, sparse64.values[:, :4], *sparse64.layout.tensors(), a, None)
+        torch.ops.entskip.bsr_skip_add(x, sparse64.blocks[:, :4], *sparse64.layout.tensors(), a, None)
     with pytest.raises(RuntimeError, match="not divisible by the block size"):
-        torch.ops.entskip.bsr_skip_add(torch.randn(4, 60), sparse64.values, *sparse64.layout.tensors(), a, None)
+        torch.ops.entskip.bsr_skip_add(torch.randn(4, 60), sparse64.blocks, *sparse64.layout.tensors(), a, None)
     with pytest.raises(RuntimeError, match="branch must have shape"):
-        torch.ops.entskip.bsr_skip_add(x, sparse64.values, *sparse64.layout.tensors(), a, torch.randn(3, 64))
+        torch.ops.entskip.bsr_skip_add(x, sparse64.blocks, *sparse64.layout.tensors(), a, torch.randn(3, 64))
     with pytest.raises(RuntimeError, match="weight must have shape"):
         torch.ops.entskip.dense_skip_add(x, torch.randn(64, 32), a, None)
     with pytest.raises(RuntimeError, match="x must be float32, float64, bfloat16 or float16"):

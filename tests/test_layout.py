@@ -313,8 +313,9 @@ SD_CORRUPTIONS = [
     ("col_float", _edit("col_indices", lambda t: t.double()), "col_indices"),
     ("crow_2d", _edit("crow_indices", lambda t: t.unsqueeze(0)), "crow_indices"),
     ("col_2d", _edit("col_indices", lambda t: t.reshape(4, -1)), "col_indices"),
-    ("values_wrong_nnzb", _edit("values", lambda t: t[:-1]), "values"),
-    ("values_wrong_block", _edit("values", lambda t: t[:, :4, :4]), "values"),
+    ("blocks_wrong_nnzb", _edit("blocks", lambda t: t[:-1]), "blocks"),
+    ("blocks_wrong_block", _edit("blocks", lambda t: t[:, :4, :4]), "blocks"),
+    ("blocks_missing", lambda sd: {k: v for k, v in sd.items() if k != "blocks"}, "blocks"),
 ]
 
 
@@ -338,21 +339,29 @@ def test_tampered_state_dict_raises_and_leaves_mapping_unchanged(corrupt, match)
     assert torch.equal(dx_after, dx_before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG mappings.py BlockSparseMapping._load_from_state_dict (l.273-290): the new layout is "
-    "installed (l.289) before torch checks for missing keys, so a failed load (no 'values') leaves a new "
-    "layout with the old values (nnzb mismatch)",
-)
-def test_failed_load_without_values_leaves_mapping_unchanged():
+def test_failed_load_without_blocks_leaves_mapping_unchanged():
+    # Regression: the layout used to be installed before torch reported the missing key,
+    # leaving a new layout with the old blocks (nnzb mismatch).
     mapping = _mapping(seed=0, density=0.5)
     donor = _mapping(seed=1, density=0.25)
-    sd = {k: v for k, v in _sd(donor).items() if k != "values"}
+    sd = {k: v for k, v in _sd(donor).items() if k != "blocks"}
     before = _snapshot(mapping)
-    with pytest.raises(RuntimeError, match="values"):
-        mapping.load_state_dict(sd)
-    for name, t in before.items():
-        assert torch.equal(getattr(mapping, name), t), name
+    for strict in (True, False):
+        with pytest.raises((ValueError, RuntimeError), match="blocks"):
+            mapping.load_state_dict(sd, strict=strict)
+        for name, t in before.items():
+            assert torch.equal(getattr(mapping, name), t), name
+    assert mapping.blocks.shape[0] == mapping.layout.nnzb
+
+
+def test_load_into_parametrized_mapping_with_other_nnzb_raises():
+    mapping = M.block_orthogonal(64, 8, seed=0, learnable=True)  # 8 blocks
+    before = mapping.matrix().detach().clone()
+    sd = _sd(_mapping(seed=1, density=0.5))  # a valid layout with 32 blocks
+    with pytest.raises(ValueError, match="blocks"):
+        mapping.load_state_dict(sd, strict=False)
+    assert torch.equal(mapping.matrix(), before)
+    assert mapping.layout == M.block_orthogonal(64, 8).layout
 
 
 @pytest.mark.parametrize("learnable", [False, True])
@@ -365,8 +374,8 @@ def test_load_other_seed_and_density(src_density, dst_density, learnable):
     assert dst.layout == src.layout
     for a, b in zip(dst.layout.tensors(), src.layout.tensors()):
         assert torch.equal(a, b)
-    assert torch.equal(dst.values, src.values)
-    assert isinstance(dst.values, torch.nn.Parameter) == learnable
+    assert torch.equal(dst.blocks, src.blocks)
+    assert isinstance(dst.blocks, torch.nn.Parameter) == learnable
     assert dst.density == pytest.approx(src.density)
     assert torch.equal(dst.matrix(), src.matrix())
     y_src, dx_src = _run(src)
@@ -380,28 +389,28 @@ def test_learnable_mapping_trains_after_loading_other_density():
     dst = _mapping(seed=3, density=0.75, learnable=True)
     dst.load_state_dict(_sd(src))
     opt = torch.optim.SGD(dst.parameters(), lr=0.1)
-    before = dst.values.detach().clone()
+    before = dst.blocks.detach().clone()
     y, _ = _run(dst)
     x = torch.randn(5, 64, generator=_gen(5))
     loss = entskip.skip_add(x, dst, None, 0.5).square().sum()
     opt.zero_grad()
     loss.backward()
-    assert dst.values.grad.shape == before.shape
+    assert dst.blocks.grad.shape == before.shape
     opt.step()
-    assert not torch.equal(dst.values.detach(), before)
+    assert not torch.equal(dst.blocks.detach(), before)
 
 
 def test_to_float64_and_state_dict_round_trip():
     m = _mapping(seed=2)
     m64 = _mapping(seed=2).to(torch.float64)
-    assert m64.values.dtype == torch.float64
+    assert m64.blocks.dtype == torch.float64
     for t in m64.layout.tensors():
         assert t.dtype == torch.int64
     assert torch.equal(m64.matrix(), m.matrix().double())
 
     fresh = _mapping(seed=9, density=0.25).to(torch.float64)
     fresh.load_state_dict(_sd(m64))
-    assert fresh.values.dtype == torch.float64
+    assert fresh.blocks.dtype == torch.float64
     assert torch.equal(fresh.matrix(), m64.matrix())
     x = torch.randn(4, 64, dtype=torch.float64, generator=_gen(1))
     assert torch.equal(entskip.skip_add(x, fresh, None, 0.9), entskip.skip_add(x, m64, None, 0.9))
@@ -409,7 +418,7 @@ def test_to_float64_and_state_dict_round_trip():
     # A float64 state_dict loads into a float32 mapping (cast on copy).
     m32 = _mapping(seed=9, density=0.75)
     m32.load_state_dict(_sd(m64))
-    assert m32.values.dtype == torch.float32
+    assert m32.blocks.dtype == torch.float32
     assert torch.equal(m32.matrix(), m64.matrix().float())
-    # The saved state is only the CSR fields and the values: the transpose is derived.
-    assert set(m64.state_dict()) == {"crow_indices", "col_indices", "values"}
+    # The saved state is only the CSR fields and the blocks: the transpose is derived.
+    assert set(m64.state_dict()) == {"crow_indices", "col_indices", "blocks"}

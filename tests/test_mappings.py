@@ -65,7 +65,7 @@ def test_block_orthogonal_structure():
     m = _dense64(mapping)
     mask = torch.block_diag(*[torch.ones(16, 16)] * 4).bool()
     assert bool((m[~mask] == 0).all())
-    for blk in mapping.values.detach().double():
+    for blk in mapping.blocks.detach().double():
         assert torch.allclose(blk.T @ blk, torch.eye(16, dtype=torch.float64), atol=1e-6)
 
 
@@ -145,11 +145,11 @@ def test_sparse_properties(dim, density, block):
     diag = rows == layout.col_indices
     assert int(diag.sum()) == n
     assert torch.equal(layout.col_indices[diag], torch.arange(n))
-    dblocks = mapping.values[diag]
+    dblocks = mapping.blocks[diag]
     scale = float(dblocks[0, 0, 0])
     assert scale > 0
     assert torch.allclose(dblocks, scale * torch.eye(block, dtype=torch.float64).expand(n, block, block), atol=1e-14)
-    off = mapping.values[~diag]
+    off = mapping.blocks[~diag]
     assert off.shape[0] == n * (k - 1)
     if off.numel():
         assert bool((off != 0).any())
@@ -169,8 +169,8 @@ def test_sparse_unnormalized_has_identity_diagonal_and_offdiag_scale():
     mapping = M.sparse(dim, density, block, seed=0, normalize=None, dtype=torch.float64)
     layout = mapping.layout
     diag = reference.block_rows(layout.crow_indices) == layout.col_indices
-    assert torch.equal(mapping.values[diag], torch.eye(block, dtype=torch.float64).expand(n, block, block))
-    off = mapping.values[~diag]
+    assert torch.equal(mapping.blocks[diag], torch.eye(block, dtype=torch.float64).expand(n, block, block))
+    off = mapping.blocks[~diag]
     # Entries ~ N(0, 1/(k b)): the sample variance of n*(k-1)*b*b = 15872 draws is within ~10%.
     var = float(off.var())
     assert var == pytest.approx(1 / (k * block), rel=0.1)
@@ -239,7 +239,7 @@ def test_structural_layout_is_block_band(dim, rho, bandwidth, block):
     assert mapping.layout == expected
     assert mapping.density == pytest.approx(float((gap <= bw).float().mean()))
     # Every stored block holds a non-zero (no stored block lies wholly outside the band), unless rho == 0.
-    assert bool((mapping.values.abs().amax(dim=(1, 2)) > 0).all())
+    assert bool((mapping.blocks.abs().amax(dim=(1, 2)) > 0).all())
 
 
 def test_structural_not_positive_definite_raises():
@@ -362,25 +362,19 @@ def test_learnable_orthogonal_state_dict_round_trip():
     assert torch.equal(fresh.matrix(), mapping.matrix())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG mappings.py:361 block_orthogonal(learnable=True): register_parametrization(mapping, 'values', ...) "
-    "raises KeyError \"attribute 'values' already exists\" (ModuleDict has a .values() method, so a tensor "
-    "named 'values' cannot be parametrized)",
-)
 def test_learnable_block_orthogonal_stays_orthogonal():
     frozen = M.block_orthogonal(64, 8, seed=4)
+    # Regression: registering the parametrization used to raise KeyError (a tensor named
+    # 'values' clashed with ModuleDict.values); the tensor is now called 'blocks'.
     mapping = M.block_orthogonal(64, 8, seed=4, learnable=True)
-    torch.testing.assert_close(mapping.values, frozen.values, atol=1e-6, rtol=0)
+    assert torch.nn.utils.parametrize.is_parametrized(mapping, "blocks")
+    assert isinstance(mapping.parametrizations.blocks[0], M.BatchedCayley)
+    torch.testing.assert_close(mapping.blocks, frozen.blocks, atol=1e-6, rtol=0)
     _train(mapping)
     assert mapping.properties()["orthogonality_error"] < 1e-5
-    assert float((mapping.values - frozen.values).abs().max()) > 1e-3
+    assert float((mapping.blocks - frozen.blocks).abs().max()) > 1e-3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG mappings.py:361 block_orthogonal(learnable=True) raises KeyError (see above)",
-)
 def test_learnable_block_orthogonal_state_dict_round_trip():
     mapping = M.block_orthogonal(64, 8, seed=4, learnable=True)
     _train(mapping, steps=2)
@@ -392,7 +386,7 @@ def test_learnable_block_orthogonal_state_dict_round_trip():
 
 def test_batched_cayley_parametrization_keeps_blocks_orthogonal():
     # The parametrization itself, independent of how block_orthogonal registers it.
-    base = M.block_orthogonal(64, 8, seed=2, dtype=torch.float64).values
+    base = M.block_orthogonal(64, 8, seed=2, dtype=torch.float64).blocks
     cayley = M.BatchedCayley(base)
     a = cayley.right_inverse(base)
     assert torch.equal(a, torch.zeros_like(base))
@@ -448,7 +442,7 @@ def test_mapping_classes_reject_bad_inputs():
     with pytest.raises(ValueError, match="weight"):
         M.DenseMapping(torch.ones(3))
     layout = entskip.BlockLayout(torch.tensor([0, 1, 2]), torch.tensor([0, 1]), 4, (8, 8))
-    with pytest.raises(ValueError, match="values"):
+    with pytest.raises(ValueError, match="blocks"):
         M.BlockSparseMapping(layout, torch.zeros(3, 4, 4))
     with pytest.raises(TypeError, match="layout"):
         M.BlockSparseMapping("not a layout", torch.zeros(2, 4, 4))
@@ -485,7 +479,7 @@ def test_to_dtype_keeps_int64_indices(build, dtype):
     if isinstance(moved, M.BlockSparseMapping):
         for t in moved.layout.tensors():
             assert t.dtype == torch.int64
-        assert moved.values.dtype == dtype
+        assert moved.blocks.dtype == dtype
     if isinstance(moved, M.PermutationMapping):
         assert moved.index.dtype == torch.int64
         assert float_tensors == 0

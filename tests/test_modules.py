@@ -91,12 +91,12 @@ def test_extra_repr_is_useful():
 def test_to_device_and_dtype():
     skip = entskip.EntangledSkip(32, "sparse", density=0.25, block=8)
     moved = copy.deepcopy(skip).to(torch.float64)
-    assert moved.mapping.values.dtype == torch.float64 and moved.alpha.dtype == torch.float64
+    assert moved.mapping.blocks.dtype == torch.float64 and moved.alpha.dtype == torch.float64
     assert moved.mapping.crow_indices.dtype == torch.int64 and moved.mapping.perm.dtype == torch.int64
     x = torch.randn(3, 32, dtype=torch.float64)
     assert moved(x).dtype == torch.float64
     meta = copy.deepcopy(skip).to("meta")
-    assert meta.mapping.values.device.type == "meta" and meta.mapping.perm.device.type == "meta"
+    assert meta.mapping.blocks.device.type == "meta" and meta.mapping.perm.device.type == "meta"
     assert "alpha=?" in repr(meta)
     made = entskip.EntangledSkip(32, "orthogonal", dtype=torch.float64)
     assert made.mapping.weight.dtype == torch.float64
@@ -112,7 +112,7 @@ def test_mapping_dtype_follows_activations():
 def test_learnable_alpha_and_mapping_train():
     skip = entskip.EntangledSkip(32, "sparse", alpha=0.9, learnable_alpha=True, density=0.25, block=8, learnable=True)
     names = {n for n, _ in skip.named_parameters()}
-    assert names == {"alpha", "mapping.values"}
+    assert names == {"alpha", "mapping.blocks"}
     opt = torch.optim.SGD(skip.parameters(), lr=0.1)
     before = [p.detach().clone() for p in skip.parameters()]
     x, target = torch.randn(16, 32), torch.randn(16, 32)

@@ -24,7 +24,7 @@ def _matrix_tensor(mapping):
     if isinstance(mapping, mappings.DenseMapping):
         return mapping.weight
     if isinstance(mapping, mappings.BlockSparseMapping):
-        return mapping.values
+        return mapping.blocks
     return None
 
 
@@ -104,7 +104,7 @@ def _bsr_args(dtype=torch.float64, n=6, requires_grad=True):
     m = make_mapping("bsr_rect", 32, 8, seed=2, out_dim=48).to(dtype)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(n, 32, generator=gen, dtype=dtype, requires_grad=requires_grad)
-    v = m.values.detach().clone().requires_grad_(requires_grad)
+    v = m.blocks.detach().clone().requires_grad_(requires_grad)
     a = torch.tensor(0.9, dtype=dtype, requires_grad=requires_grad)
     r = torch.randn(n, 48, generator=gen, dtype=dtype, requires_grad=requires_grad)
     return x, v, m.layout.tensors(), a, r
@@ -171,7 +171,7 @@ def test_non_contiguous_inputs(kind, poisoned, cpu_backend):
 
 def test_sparse_bsr_tensor_mapping(cpu_backend):
     mapping = make_mapping("bsr_rect", 32, 8, seed=5, out_dim=48)
-    bsr = mapping.layout.to_sparse_bsr(mapping.values)
+    bsr = mapping.layout.to_sparse_bsr(mapping.blocks)
     x = torch.randn(9, 32, dtype=torch.float64)
     assert_close(entskip.skip_add(x, bsr, None, 0.5), reference.skip_add(x, mapping.matrix(), None, 0.5), torch.float64, "y")
 

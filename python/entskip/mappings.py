@@ -8,10 +8,10 @@ constructor                   storage                            op
 ============================  =================================  ==========================
 :func:`identity`              none                               elementwise
 :func:`orthogonal`            dense ``weight`` (D, D)            dense skip-add (GEMM)
-:func:`block_orthogonal`      block-diagonal BSR ``values``      BSR skip-add
+:func:`block_orthogonal`      block-diagonal BSR ``blocks``      BSR skip-add
 :func:`permutation`           ``index`` (D,)                     gather
-:func:`sparse`                BSR ``values`` at a block density  BSR skip-add
-:func:`structural`            block-banded BSR ``values``        BSR skip-add
+:func:`sparse`                BSR ``blocks`` at a block density  BSR skip-add
+:func:`structural`            block-banded BSR ``blocks``        BSR skip-add
 ============================  =================================  ==========================
 
 The Entangled Residual Mappings paper asks that a mapping share key attributes of the
@@ -209,29 +209,31 @@ class PermutationMapping(Mapping):
 
 
 class BlockSparseMapping(Mapping):
-    """A block-sparse ``M``: ``values (nnzb, b, b)`` placed by a validated :class:`BlockLayout`.
+    """A block-sparse ``M``: ``blocks (nnzb, b, b)`` placed by a validated :class:`BlockLayout`.
 
     The layout lives in buffers (``crow_indices`` and ``col_indices`` are saved; the
     transposed order is derived) so it moves with ``.to()`` and round-trips through
-    ``state_dict``; a loaded layout is validated before it replaces the current one.
+    ``state_dict``; a loaded layout is validated, together with the blocks' shape,
+    before it replaces the current one. (The tensor is called ``blocks``, not
+    ``values``: a parametrized ``values`` would clash with ``ModuleDict.values``.)
     """
 
     kind = "block_sparse"
 
-    def __init__(self, layout: BlockLayout, values: Tensor, learnable: bool = False):
+    def __init__(self, layout: BlockLayout, blocks: Tensor, learnable: bool = False):
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
         b = layout.block
-        if not isinstance(values, Tensor) or tuple(values.shape) != (layout.nnzb, b, b):
-            raise ValueError(f"values must have shape {(layout.nnzb, b, b)}, got {tuple(getattr(values, 'shape', ()))}")
+        if not isinstance(blocks, Tensor) or tuple(blocks.shape) != (layout.nnzb, b, b):
+            raise ValueError(f"blocks must have shape {(layout.nnzb, b, b)}, got {tuple(getattr(blocks, 'shape', ()))}")
         super().__init__(layout.shape[1], layout.shape[0])
         self.block = b
-        self._set_layout(layout.to(values.device))
-        values = values.detach().contiguous()
+        self._set_layout(layout.to(blocks.device))
+        blocks = blocks.detach().contiguous()
         if learnable:
-            self.values = nn.Parameter(values)
+            self.blocks = nn.Parameter(blocks)
         else:
-            self.register_buffer("values", values)
+            self.register_buffer("blocks", blocks)
 
     def _set_layout(self, layout: BlockLayout) -> None:
         for name, t in zip(("crow_indices", "col_indices", "ccol_indices", "row_indices", "perm"), layout.tensors()):
@@ -251,12 +253,12 @@ class BlockSparseMapping(Mapping):
         )
 
     def matrix(self) -> Tensor:
-        return self.layout.to_dense(self.values)
+        return self.layout.to_dense(self.blocks)
 
     def skip_add_2d(self, x, branch, alpha):
         return bsr_skip_add(
             x,
-            self.values.to(x.dtype),
+            self.blocks.to(x.dtype),
             self.crow_indices,
             self.col_indices,
             self.ccol_indices,
@@ -277,15 +279,21 @@ class BlockSparseMapping(Mapping):
                 layout = BlockLayout(crow, col, self.block, (self.out_features, self.in_features))
             except (TypeError, ValueError) as err:
                 raise ValueError(f"invalid block layout in state_dict at '{prefix}': {err}") from err
-            values = state_dict.get(prefix + "values")
-            if values is not None and not parametrize.is_parametrized(self, "values"):
-                expected = (layout.nnzb, self.block, self.block)
-                if tuple(values.shape) != expected:
+            expected = (layout.nnzb, self.block, self.block)
+            if parametrize.is_parametrized(self, "blocks"):
+                current = tuple(self.parametrizations.blocks.original.shape)
+                if current != expected:
+                    raise ValueError(f"state_dict layout at '{prefix}' has {layout.nnzb} blocks; this mapping has {current[0]}")
+            else:
+                blocks = state_dict.get(prefix + "blocks")
+                if blocks is None:
+                    raise ValueError(f"state_dict has a layout at '{prefix}' but no '{prefix}blocks'")
+                if tuple(blocks.shape) != expected:
                     raise ValueError(
-                        f"state_dict '{prefix}values' has shape {tuple(values.shape)}, but its layout needs {expected}"
+                        f"state_dict '{prefix}blocks' has shape {tuple(blocks.shape)}, but its layout needs {expected}"
                     )
-                if self.values.shape != values.shape:  # another density: resize before the copy
-                    self.values.data = self.values.new_empty(expected)
+                if self.blocks.shape != blocks.shape:  # another density: resize before the copy
+                    self.blocks.data = self.blocks.new_empty(expected)
             self._set_layout(layout.to(self.crow_indices.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
@@ -296,7 +304,7 @@ class BlockSparseMapping(Mapping):
 class BatchedCayley(nn.Module):
     """Parametrization keeping a batch of ``b x b`` blocks orthogonal.
 
-    ``values = base @ cayley(A - A^T)`` with ``cayley(S) = (I - S)^{-1} (I + S)``, which is
+    ``blocks = base @ cayley(A - A^T)`` with ``cayley(S) = (I - S)^{-1} (I + S)``, which is
     orthogonal for every skew-symmetric ``S``. ``base`` holds the initial orthogonal
     blocks, so the mapping starts where it was built (``A = 0``). Cost: ``O(nnzb b^3)``
     per forward, ``D b^2`` for a block-diagonal mapping, far below a dense Cayley map.
@@ -358,7 +366,7 @@ def block_orthogonal(
     mapping.kind = "block_orthogonal"
     mapping = _finish(mapping, dtype, device)
     if learnable:
-        parametrize.register_parametrization(mapping, "values", BatchedCayley(mapping.values))
+        parametrize.register_parametrization(mapping, "blocks", BatchedCayley(mapping.blocks))
     return mapping
 
 
@@ -398,7 +406,7 @@ def sparse(
     """
     dim = _check_dim(dim)
     block = _check_block(dim, block)
-    if not isinstance(density, (int, float)) or not 0 < density <= 1:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
     n = dim // block
     k = min(n, max(1, round(density * n)))
@@ -440,7 +448,7 @@ def structural(
     bandwidth = block if bandwidth is None else bandwidth
     if isinstance(bandwidth, bool) or not isinstance(bandwidth, int) or bandwidth < 0:
         raise ValueError(f"bandwidth must be a non-negative int, got {bandwidth!r}")
-    if not isinstance(rho, (int, float)) or not -1 < rho < 1:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not -1 < rho < 1:
         raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
     idx = torch.arange(dim)
     lag = (idx[:, None] - idx[None, :]).abs()

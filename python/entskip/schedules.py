@@ -63,6 +63,8 @@ def alpha_min_for(num_layers: int, alpha_eff: float, per_sublayer: bool = False,
     alpha_eff = _check_alpha(alpha_eff, "alpha_eff")
     if not 0 < alpha_eff <= 1:
         raise ValueError(f"alpha_eff must be in (0, 1], got {alpha_eff}")
+    if not isinstance(tol, (int, float)) or not tol > 0:
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
     lo, hi = 0.0, 1.0
     while hi - lo > tol:
         mid = 0.5 * (lo + hi)
