@@ -12,7 +12,7 @@ NATIVE := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h cs
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH)" numpy ninja pybind11 pytest pytest-benchmark hypothesis
+	$(PY) -m pip install -q "$(TORCH)" numpy ninja pybind11 pytest pytest-benchmark hypothesis matplotlib tqdm
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(NATIVE)

@@ -46,10 +46,19 @@ def bsr_skip_add(
     branch: Tensor | None = None,
     alpha: Tensor | float = 1.0,
 ) -> Tensor:
-    """``alpha * (x @ M^T) + branch`` for the BSR mapping ``M`` (see :func:`bsr_to_dense`)."""
+    """``alpha * (x @ M^T) + branch`` for the BSR mapping ``M`` (see :func:`bsr_to_dense`).
+
+    Sparse semantics: only stored blocks take part, so a NaN or Inf in ``x`` reaches
+    only the outputs of block rows that store a block in its column (a structural zero
+    contributes nothing, as in ``torch.sparse``), unlike a dense ``x @ M^T``.
+    """
     b = values.shape[-1]
-    shape = ((crow_indices.numel() - 1) * b, x.shape[-1])
-    return skip_add(x, bsr_to_dense(values, crow_indices, col_indices, shape), branch, alpha)
+    nrows = crow_indices.numel() - 1
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
+    products = torch.einsum("...kc,kjc->...kj", xb.index_select(-2, col_indices), values)
+    y = products.new_zeros(*x.shape[:-1], nrows, b).index_add(-2, block_rows(crow_indices), products)
+    y = alpha * y.reshape(*x.shape[:-1], nrows * b)
+    return y if branch is None else y + branch
 
 
 def permutation_skip_add(x: Tensor, index: Tensor, branch: Tensor | None = None, alpha: Tensor | float = 1.0) -> Tensor:
