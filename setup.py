@@ -2,7 +2,10 @@
 
 The CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) are always built. The CUDA sources
 (csrc/cuda/*.cu and their *.cpp glue) are built when the installed torch has CUDA,
-unless ENTSKIP_NO_CUDA=1. Install with
+unless ENTSKIP_NO_CUDA=1. The CPU kernels are compiled for the building machine's
+instruction set (-march=native: a source build runs where it is built);
+ENTSKIP_CPU_ARCH=x86-64-v3 (or any -march value) targets another, ENTSKIP_CPU_ARCH=
+(empty) the compiler's default. Install with
 
     pip install --no-build-isolation -e .
 """
@@ -22,7 +25,8 @@ def _sources(pattern):
 
 def _extension():
     sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17"]
+    arch = os.environ.get("ENTSKIP_CPU_ARCH", "native")
+    cxx = ["-O3"] + ([f"-march={arch}"] if arch else [])
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     use_cuda = (
         cpp_extension.CUDA_HOME is not None
@@ -31,7 +35,7 @@ def _extension():
         and bool(cuda_sources)
     )
     if use_cuda:
-        nvcc = ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        nvcc = ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         return cpp_extension.CUDAExtension(
             "entskip._C",
             sources + cuda_sources,

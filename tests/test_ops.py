@@ -16,7 +16,7 @@ NATIVE_KINDS = ["orthogonal", "dense_rect", "dense_colmajor", "sparse", "sparse_
 ALL_KINDS = NATIVE_KINDS + ["identity", "permutation"]
 RECT = {"dense_rect", "bsr_rect"}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-LEADS = [(1,), (7,), (3, 100), (2, 3, 5), (2, 1, 3, 4)]  # rank 1..4; 300 rows cross a row tile
+LEADS = [(1,), (7,), (3, 100), (2, 3, 5), (2, 1, 3, 4)]  # rank 1..4; row counts off the micro-tile
 
 
 def _matrix_tensor(mapping):
@@ -76,10 +76,12 @@ def _check_against_reference(mapping64, dtype, lead, with_branch, seed=0):
 @pytest.mark.parametrize("lead", LEADS, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "kind, block", [(k, 8) for k in ALL_KINDS] + [(k, 32) for k in ("sparse", "structural", "block_orthogonal", "bsr_rect")]
+    "kind, block",
+    [(k, 8) for k in ALL_KINDS]  # block 8: the generic CPU loop; 16/32/64: the register-blocked micro-kernels
+    + [(k, b) for k in ("sparse", "structural", "block_orthogonal", "bsr_rect") for b in (16, 32, 64)],
 )
 def test_cpu_backend_matches_reference(kind, block, dtype, lead, with_branch, poisoned, cpu_backend):
-    dim, out_dim = 96, (160 if kind in RECT else 96)
+    dim, out_dim = 128, (192 if kind in RECT else 128)
     _check_against_reference(make_mapping(kind, dim, block, seed=3, out_dim=out_dim), dtype, lead, with_branch)
 
 
@@ -192,3 +194,10 @@ def test_deterministic_forward_backward(cpu_backend):
 
 def test_tolerances_are_per_dtype():
     assert RTOL[torch.float64] <= 1e-10 and RTOL[torch.float32] <= 1e-5 and RTOL[torch.bfloat16] <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block", [8, 32])
+def test_many_row_tiles(block, dtype, poisoned, cpu_backend):
+    """Enough rows (4105) that every kernel crosses several row tiles, chunks and threads."""
+    _check_against_reference(make_mapping("bsr_rect", 256, block, seed=7, out_dim=128), dtype, (5, 821), True)

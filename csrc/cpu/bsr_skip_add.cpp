@@ -17,16 +17,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
 #include "common.h"
+#include "simd.h"
 
 namespace entskip::cpu {
 namespace {
-
-// Accumulator elements per work item: a tile of rows times one output block.
-constexpr int64_t kTileElems = 2048;
 
 // Checks a compressed index (ptr: n + 1 offsets into idx) before any kernel dereferences it.
 void check_compressed(const at::Tensor& ptr, const at::Tensor& idx, int64_t bound, const char* ptr_name,
@@ -51,48 +50,169 @@ void check_perm(const at::Tensor& perm) {
   }
 }
 
+// Bytes of input rows a work item aims to keep in L2 while it applies their blocks.
+constexpr int64_t kTileBytes = 256 * 1024;
+
+// Block sizes with register-blocked micro-kernels (multiples of the SIMD width).
+template <typename acc_t, int B>
+struct Blocking {
+  static constexpr int W = simd::Simd<acc_t>::W;
+  static constexpr int NV = B / W;  // vectors per block row
+  static_assert(B % W == 0, "block size must be a multiple of the SIMD width");
+  // Output rows per micro-tile: MR x NV accumulators stay in registers (<= 24 of 32).
+  static constexpr int MR = std::max(1, std::min(12, 24 / NV));
+  // Rows of S per strip in the sampled product: MS x NV accumulators (<= 16).
+  static constexpr int MS = std::max(1, std::min(B, 16 / NV));
+};
+
+// out[m, :B] = alpha * sum_{t in [t0, t1)} a[m, idx[t]*B : +B] @ Bv[t] (+ branch[m, :B]) for m < MR.
+// All MR x B accumulators live in registers across every block of the row.
+template <typename scalar_t, typename acc_t, int B, int MR>
+inline void block_row_micro(const scalar_t* a, int64_t lda, const acc_t* Bv, const int64_t* idx, int64_t t0,
+                            int64_t t1, acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out) {
+  using V = simd::Vec<acc_t>;
+  constexpr int W = Blocking<acc_t, B>::W, NV = Blocking<acc_t, B>::NV;
+  V acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = V{};
+  for (int64_t t = t0; t < t1; ++t) {
+    const acc_t* Bt = Bv + t * B * B;
+    const scalar_t* at = a + idx[t] * B;
+    for (int c = 0; c < B; ++c) {
+      V bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = simd::load<acc_t>(Bt + c * B + v * W);
+      for (int m = 0; m < MR; ++m) {
+        const V av = simd::broadcast(static_cast<acc_t>(at[m * lda + c]));
+        for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+      }
+    }
+  }
+  const V va = simd::broadcast(alpha);
+  for (int m = 0; m < MR; ++m) {
+    for (int v = 0; v < NV; ++v) {
+      V y = va * acc[m][v];
+      if (branch != nullptr) y += simd::load<acc_t>(branch + m * ldo + v * W);
+      simd::store<acc_t>(out + m * ldo + v * W, y);
+    }
+  }
+}
+
+// Rows per work item: a multiple of MR whose input rows fit the L2 budget.
+inline int64_t row_tile(int64_t row_bytes, int64_t mr) {
+  const int64_t rows = std::max<int64_t>(1, kTileBytes / std::max<int64_t>(row_bytes, 1));
+  return std::max<int64_t>(mr, rows / mr * mr);
+}
+
 // out[n, i*b : (i+1)*b] = alpha * sum_{t = ptr[i]}^{ptr[i+1]-1} a[n, idx[t]*b : +b] @ B[t] (+ branch[n, ...])
 // a: (N, lda) row-major; B: (nnz, b, b) row-major in the accumulation type, B[t][c][j]
 // maps input feature c of the block to output feature j; out, branch: (N, nrows * b).
-template <typename scalar_t, typename acc_t>
-void block_row_product(const scalar_t* a, int64_t lda, const acc_t* B, const int64_t* ptr, const int64_t* idx,
-                       int64_t nrows, int64_t b, int64_t N, acc_t alpha, const scalar_t* branch, scalar_t* out) {
-  const int64_t ldo = nrows * b;
-  const int64_t tile = std::max<int64_t>(1, kTileElems / b);
+// Work items are (row tile, output block row), tile-major, so a thread applies all
+// the blocks of a row tile while its input rows are hot in cache.
+template <typename scalar_t, typename acc_t, int B>
+void block_row_product_fixed(const scalar_t* a, int64_t lda, const acc_t* Bv, const int64_t* ptr,
+                             const int64_t* idx, int64_t nrows, int64_t N, acc_t alpha, const scalar_t* branch,
+                             scalar_t* out) {
+  constexpr int MR = Blocking<acc_t, B>::MR;
+  const int64_t ldo = nrows * B;
+  const int64_t tile = row_tile(lda * static_cast<int64_t>(sizeof(scalar_t)), MR);
   const int64_t ntiles = (N + tile - 1) / tile;
   at::parallel_for(0, ntiles * nrows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(tile * b);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t i = w % nrows, n0 = (w / nrows) * tile, n1 = std::min(N, n0 + tile);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t t = ptr[i]; t < ptr[i + 1]; ++t) {
-        const acc_t* Bt = B + t * b * b;
-        const scalar_t* at = a + idx[t] * b;
-        for (int64_t n = n0; n < n1; ++n) {
-          acc_t* accn = acc.data() + (n - n0) * b;
-          const scalar_t* an = at + n * lda;
+      int64_t n = n0;
+      for (; n + MR <= n1; n += MR) {
+        block_row_micro<scalar_t, acc_t, B, MR>(a + n * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
+                                                branch ? branch + n * ldo + i * B : nullptr, ldo,
+                                                out + n * ldo + i * B);
+      }
+      for (; n < n1; ++n) {
+        block_row_micro<scalar_t, acc_t, B, 1>(a + n * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
+                                               branch ? branch + n * ldo + i * B : nullptr, ldo,
+                                               out + n * ldo + i * B);
+      }
+    }
+  });
+}
+
+// The same product for any block size, without register blocking.
+template <typename scalar_t, typename acc_t>
+void block_row_product_any(const scalar_t* a, int64_t lda, const acc_t* B, const int64_t* ptr, const int64_t* idx,
+                           int64_t nrows, int64_t b, int64_t N, acc_t alpha, const scalar_t* branch, scalar_t* out) {
+  const int64_t ldo = nrows * b;
+  const int64_t tile = row_tile(lda * static_cast<int64_t>(sizeof(scalar_t)), 1);
+  const int64_t ntiles = (N + tile - 1) / tile;
+  at::parallel_for(0, ntiles * nrows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(b);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t i = w % nrows, n0 = (w / nrows) * tile, n1 = std::min(N, n0 + tile);
+      for (int64_t n = n0; n < n1; ++n) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t t = ptr[i]; t < ptr[i + 1]; ++t) {
+          const acc_t* Bt = B + t * b * b;
+          const scalar_t* an = a + n * lda + idx[t] * b;
           for (int64_t c = 0; c < b; ++c) {
             const acc_t av = static_cast<acc_t>(an[c]);
-            const acc_t* Bc = Bt + c * b;
-            for (int64_t j = 0; j < b; ++j) accn[j] += av * Bc[j];
+            for (int64_t j = 0; j < b; ++j) acc[j] += av * Bt[c * b + j];
           }
         }
-      }
-      for (int64_t n = n0; n < n1; ++n) {
-        const acc_t* accn = acc.data() + (n - n0) * b;
         scalar_t* on = out + n * ldo + i * b;
-        if (branch != nullptr) {
-          const scalar_t* rn = branch + n * ldo + i * b;
-          for (int64_t j = 0; j < b; ++j) on[j] = static_cast<scalar_t>(alpha * accn[j] + static_cast<acc_t>(rn[j]));
-        } else {
-          for (int64_t j = 0; j < b; ++j) on[j] = static_cast<scalar_t>(alpha * accn[j]);
+        const scalar_t* rn = branch ? branch + n * ldo + i * b : nullptr;
+        for (int64_t j = 0; j < b; ++j) {
+          on[j] = static_cast<scalar_t>(alpha * acc[j] + (rn ? static_cast<acc_t>(rn[j]) : acc_t(0)));
         }
       }
     }
   });
 }
 
+// Calls fn(std::integral_constant<int, B>{}) if b is a block size with micro-kernels
+// (16, 32, 64: multiples of every SIMD width used); returns whether it did.
+template <typename Fn>
+bool with_fixed_block(int64_t b, Fn&& fn) {
+  switch (b) {
+    case 16: fn(std::integral_constant<int, 16>{}); return true;
+    case 32: fn(std::integral_constant<int, 32>{}); return true;
+    case 64: fn(std::integral_constant<int, 64>{}); return true;
+    default: return false;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void block_row_product(const scalar_t* a, int64_t lda, const acc_t* B, const int64_t* ptr, const int64_t* idx,
+                       int64_t nrows, int64_t b, int64_t N, acc_t alpha, const scalar_t* branch, scalar_t* out) {
+  const bool done = with_fixed_block(b, [&](auto block) {
+    block_row_product_fixed<scalar_t, acc_t, decltype(block)::value>(a, lda, B, ptr, idx, nrows, N, alpha, branch, out);
+  });
+  if (!done) block_row_product_any<scalar_t, acc_t>(a, lda, B, ptr, idx, nrows, b, N, alpha, branch, out);
+}
+
+// S[m, :B] += sum_{n in [n0, n1)} g[n, m] * x[n, :B] for m < MS (accumulators in registers).
+template <typename scalar_t, typename acc_t, int B, int MS>
+inline void sampled_micro(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, int64_t n0, int64_t n1,
+                          acc_t* S) {
+  using V = simd::Vec<acc_t>;
+  constexpr int W = Blocking<acc_t, B>::W, NV = Blocking<acc_t, B>::NV;
+  V acc[MS][NV];
+  for (int m = 0; m < MS; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = simd::load<acc_t>(S + m * B + v * W);
+  for (int64_t n = n0; n < n1; ++n) {
+    V xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = simd::load<acc_t>(x + n * ldx + v * W);
+    for (int m = 0; m < MS; ++m) {
+      const V gv = simd::broadcast(static_cast<acc_t>(g[n * ldg + m]));
+      for (int v = 0; v < NV; ++v) acc[m][v] += gv * xv[v];
+    }
+  }
+  for (int m = 0; m < MS; ++m)
+    for (int v = 0; v < NV; ++v) simd::store<acc_t>(S + m * B + v * W, acc[m][v]);
+}
+
+// Rows of N per chunk of the sampled product: the g and x slices of a chunk stay in L2
+// while every strip of S passes over them.
+constexpr int64_t kSampledChunk = 512;
+
 // S[k] = g[:, row(k)*b : +b]^T @ x[:, col[k]*b : +b] for every block k of the forward layout.
+// Parallel over blocks; each block sums over N in a fixed order (deterministic).
 template <typename scalar_t, typename acc_t>
 void sampled_gradient(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, const int64_t* crow,
                       const int64_t* col, int64_t nrows, int64_t nnzb, int64_t b, int64_t N, acc_t* S) {
@@ -105,12 +225,21 @@ void sampled_gradient(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t
       std::fill(Sk, Sk + b * b, acc_t(0));
       const scalar_t* gk = g + row_of[k] * b;
       const scalar_t* xk = x + col[k] * b;
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t c = 0; c < b; ++c) xn[c] = static_cast<acc_t>(xk[n * ldx + c]);
-        for (int64_t r = 0; r < b; ++r) {
-          const acc_t gv = static_cast<acc_t>(gk[n * ldg + r]);
-          acc_t* Sr = Sk + r * b;
-          for (int64_t c = 0; c < b; ++c) Sr[c] += gv * xn[c];
+      const bool done = with_fixed_block(b, [&](auto block) {
+        constexpr int B = decltype(block)::value, MS = Blocking<acc_t, B>::MS;
+        for (int64_t n0 = 0; n0 < N; n0 += kSampledChunk) {
+          const int64_t n1 = std::min(N, n0 + kSampledChunk);
+          for (int r0 = 0; r0 < B; r0 += MS) sampled_micro<scalar_t, acc_t, B, MS>(gk + r0, ldg, xk, ldx, n0, n1, Sk + r0 * B);
+        }
+      });
+      if (!done) {
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t c = 0; c < b; ++c) xn[c] = static_cast<acc_t>(xk[n * ldx + c]);
+          for (int64_t r = 0; r < b; ++r) {
+            const acc_t gv = static_cast<acc_t>(gk[n * ldg + r]);
+            acc_t* Sr = Sk + r * b;
+            for (int64_t c = 0; c < b; ++c) Sr[c] += gv * xn[c];
+          }
         }
       }
     }
