@@ -68,7 +68,7 @@ struct Blocking {
 // out[m, :B] = alpha * sum_{t in [t0, t1)} a[m, idx[t]*B : +B] @ Bv[t] (+ branch[m, :B]) for m < MR.
 // All MR x B accumulators live in registers across every block of the row.
 template <typename scalar_t, typename acc_t, int B, int MR>
-inline void block_row_micro(const scalar_t* a, int64_t lda, const acc_t* Bv, const int64_t* idx, int64_t t0,
+inline void block_row_micro(const acc_t* a, int64_t lda, const acc_t* Bv, const int64_t* idx, int64_t t0,
                             int64_t t1, acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out) {
   using V = simd::Vec<acc_t>;
   constexpr int W = Blocking<acc_t, B>::W, NV = Blocking<acc_t, B>::NV;
@@ -77,12 +77,12 @@ inline void block_row_micro(const scalar_t* a, int64_t lda, const acc_t* Bv, con
     for (int v = 0; v < NV; ++v) acc[m][v] = V{};
   for (int64_t t = t0; t < t1; ++t) {
     const acc_t* Bt = Bv + t * B * B;
-    const scalar_t* at = a + idx[t] * B;
+    const acc_t* at = a + idx[t] * B;
     for (int c = 0; c < B; ++c) {
       V bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = simd::load<acc_t>(Bt + c * B + v * W);
       for (int m = 0; m < MR; ++m) {
-        const V av = simd::broadcast(static_cast<acc_t>(at[m * lda + c]));
+        const V av = simd::broadcast(at[m * lda + c]);
         for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
       }
     }
@@ -107,26 +107,43 @@ inline int64_t row_tile(int64_t row_bytes, int64_t mr) {
 // a: (N, lda) row-major; B: (nnz, b, b) row-major in the accumulation type, B[t][c][j]
 // maps input feature c of the block to output feature j; out, branch: (N, nrows * b).
 // Work items are (row tile, output block row), tile-major, so a thread applies all
-// the blocks of a row tile while its input rows are hot in cache.
+// the blocks of a row tile while its input rows are hot in cache. Reduced-precision
+// inputs are widened once per tile into a per-thread staging buffer, so the inner loop
+// broadcasts accumulation-type values straight from memory.
 template <typename scalar_t, typename acc_t, int B>
 void block_row_product_fixed(const scalar_t* a, int64_t lda, const acc_t* Bv, const int64_t* ptr,
                              const int64_t* idx, int64_t nrows, int64_t N, acc_t alpha, const scalar_t* branch,
                              scalar_t* out) {
-  constexpr int MR = Blocking<acc_t, B>::MR;
+  constexpr int MR = Blocking<acc_t, B>::MR, W = Blocking<acc_t, B>::W;
+  constexpr bool kStage = !std::is_same_v<scalar_t, acc_t>;
   const int64_t ldo = nrows * B;
-  const int64_t tile = row_tile(lda * static_cast<int64_t>(sizeof(scalar_t)), MR);
+  const int64_t tile = row_tile(lda * static_cast<int64_t>(sizeof(acc_t)), MR);
   const int64_t ntiles = (N + tile - 1) / tile;
   at::parallel_for(0, ntiles * nrows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> staged(kStage ? tile * lda : 0);
+    int64_t staged_tile = -1;
     for (int64_t w = begin; w < end; ++w) {
       const int64_t i = w % nrows, n0 = (w / nrows) * tile, n1 = std::min(N, n0 + tile);
+      const acc_t* rows;  // row n0 of the input, in the accumulation type
+      if constexpr (kStage) {
+        if (staged_tile != w / nrows) {
+          for (int64_t e = 0; e < (n1 - n0) * lda; e += W) {
+            simd::store<acc_t>(staged.data() + e, simd::load<acc_t>(a + n0 * lda + e));
+          }
+          staged_tile = w / nrows;
+        }
+        rows = staged.data();
+      } else {
+        rows = a + n0 * lda;
+      }
       int64_t n = n0;
       for (; n + MR <= n1; n += MR) {
-        block_row_micro<scalar_t, acc_t, B, MR>(a + n * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
+        block_row_micro<scalar_t, acc_t, B, MR>(rows + (n - n0) * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
                                                 branch ? branch + n * ldo + i * B : nullptr, ldo,
                                                 out + n * ldo + i * B);
       }
       for (; n < n1; ++n) {
-        block_row_micro<scalar_t, acc_t, B, 1>(a + n * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
+        block_row_micro<scalar_t, acc_t, B, 1>(rows + (n - n0) * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
                                                branch ? branch + n * ldo + i * B : nullptr, ldo,
                                                out + n * ldo + i * B);
       }
