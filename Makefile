@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 NATIVE := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: demo test nvcc-check clean
+.PHONY: demo test bench bench-quick nvcc-check clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ demo: $(VENV)/.built
 
 test: $(VENV)/.built
 	$(PY) -m pytest tests -q
+
+# Kernel microbenchmarks against the peers (bench/README.md); --quick takes about a minute on 2 cores.
+bench: $(VENV)/.built
+	$(PY) -m entskip.bench
+
+bench-quick: $(VENV)/.built
+	$(PY) -m entskip.bench --quick
 
 # Compile-only check of the CUDA sources for sm_80 and sm_90 (no GPU needed).
 nvcc-check:

@@ -41,6 +41,7 @@ inline void check_index(const at::Tensor& t, const char* name, int64_t numel, co
   TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong, name, " must be a 1-D int64 tensor, got ",
               t.scalar_type(), " of shape ", t.sizes());
   TORCH_CHECK(t.numel() == numel, name, " must have ", numel, " entries, got ", t.numel());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
 }
 

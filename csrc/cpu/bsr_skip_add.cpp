@@ -27,26 +27,45 @@
 namespace entskip::cpu {
 namespace {
 
-// Checks a compressed index (ptr: n + 1 offsets into idx) before any kernel dereferences it.
+// Checks a compressed index (ptr: n + 1 offsets into idx) before any kernel dereferences
+// it: offsets from 0 to nnz, non-decreasing, indices in [0, bound) and strictly
+// increasing within each segment (sorted, no duplicates).
 void check_compressed(const at::Tensor& ptr, const at::Tensor& idx, int64_t bound, const char* ptr_name,
                       const char* idx_name) {
   const int64_t* p = ptr.data_ptr<int64_t>();
   const int64_t n = ptr.numel() - 1, nnz = idx.numel();
   TORCH_CHECK(p[0] == 0 && p[n] == nnz, ptr_name, " must start at 0 and end at ", nnz, ", got ", p[0], " and ", p[n]);
+  const int64_t* q = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(p[i] <= p[i + 1], ptr_name, " must be non-decreasing, but entry ", i + 1, " < entry ", i);
-  }
-  const int64_t* q = idx.data_ptr<int64_t>();
-  for (int64_t k = 0; k < nnz; ++k) {
-    TORCH_CHECK(q[k] >= 0 && q[k] < bound, idx_name, "[", k, "] = ", q[k], " is out of range [0, ", bound, ")");
+    for (int64_t k = p[i]; k < p[i + 1]; ++k) {
+      TORCH_CHECK(q[k] >= 0 && q[k] < bound, idx_name, "[", k, "] = ", q[k], " is out of range [0, ", bound, ")");
+      TORCH_CHECK(k == p[i] || q[k] > q[k - 1], idx_name, " must be strictly increasing within segment ", i,
+                  " of ", ptr_name, " (sorted, no duplicates)");
+    }
   }
 }
 
-void check_perm(const at::Tensor& perm) {
-  const int64_t* p = perm.data_ptr<int64_t>();
-  const int64_t n = perm.numel();
-  for (int64_t t = 0; t < n; ++t) {
-    TORCH_CHECK(p[t] >= 0 && p[t] < n, "perm[", t, "] = ", p[t], " is out of range [0, ", n, ")");
+// Checks that (ccol, row, perm) list exactly the blocks of (crow, col) column by column:
+// perm is a permutation and block perm[t] of column j sits at block row row[t], column j.
+// Both compressed indices must have passed check_compressed.
+void check_transpose(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& ccol, const at::Tensor& row,
+                     const at::Tensor& perm) {
+  const int64_t *cr = crow.data_ptr<int64_t>(), *co = col.data_ptr<int64_t>(), *cc = ccol.data_ptr<int64_t>();
+  const int64_t *ro = row.data_ptr<int64_t>(), *pe = perm.data_ptr<int64_t>();
+  const int64_t nrows = crow.numel() - 1, ncols = ccol.numel() - 1, nnz = perm.numel();
+  std::vector<int64_t> row_of(nnz);
+  for (int64_t i = 0; i < nrows; ++i) std::fill(row_of.begin() + cr[i], row_of.begin() + cr[i + 1], i);
+  std::vector<bool> seen(nnz, false);
+  for (int64_t j = 0; j < ncols; ++j) {
+    for (int64_t t = cc[j]; t < cc[j + 1]; ++t) {
+      const int64_t k = pe[t];
+      TORCH_CHECK(k >= 0 && k < nnz, "perm[", t, "] = ", k, " is out of range [0, ", nnz, ")");
+      TORCH_CHECK(!seen[k], "perm is not a permutation: block ", k, " appears twice");
+      seen[k] = true;
+      TORCH_CHECK(co[k] == j && row_of[k] == ro[t], "ccol_indices/row_indices/perm do not describe the transpose of "
+                  "crow_indices/col_indices (entry ", t, ")");
+    }
   }
 }
 
@@ -106,47 +125,44 @@ inline int64_t row_tile(int64_t row_bytes, int64_t mr) {
 // out[n, i*b : (i+1)*b] = alpha * sum_{t = ptr[i]}^{ptr[i+1]-1} a[n, idx[t]*b : +b] @ B[t] (+ branch[n, ...])
 // a: (N, lda) row-major; B: (nnz, b, b) row-major in the accumulation type, B[t][c][j]
 // maps input feature c of the block to output feature j; out, branch: (N, nrows * b).
-// Work items are (row tile, output block row), tile-major, so a thread applies all
-// the blocks of a row tile while its input rows are hot in cache. Reduced-precision
-// inputs are widened once per tile into a per-thread staging buffer, so the inner loop
-// broadcasts accumulation-type values straight from memory.
+//
+// A thread owns a tile of rows at a time: it streams the tile's input rows (widened to
+// the accumulation type) and branch rows into per-thread buffers, applies every output
+// block row from there, and streams the finished output rows back. Memory sees only
+// sequential row reads and writes, while the block products run out of L2.
 template <typename scalar_t, typename acc_t, int B>
 void block_row_product_fixed(const scalar_t* a, int64_t lda, const acc_t* Bv, const int64_t* ptr,
                              const int64_t* idx, int64_t nrows, int64_t N, acc_t alpha, const scalar_t* branch,
                              scalar_t* out) {
   constexpr int MR = Blocking<acc_t, B>::MR, W = Blocking<acc_t, B>::W;
-  constexpr bool kStage = !std::is_same_v<scalar_t, acc_t>;
   const int64_t ldo = nrows * B;
-  const int64_t tile = row_tile(lda * static_cast<int64_t>(sizeof(acc_t)), MR);
+  const int64_t row_bytes = lda * static_cast<int64_t>(sizeof(acc_t)) + ldo * static_cast<int64_t>(sizeof(scalar_t));
+  // Tiles fit the L2 budget and are small enough to give every thread several.
+  const int64_t parallel_rows = (N + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
+  const int64_t tile = std::max<int64_t>(MR, std::min(row_tile(row_bytes, MR), (parallel_rows + MR - 1) / MR * MR));
   const int64_t ntiles = (N + tile - 1) / tile;
-  at::parallel_for(0, ntiles * nrows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> staged(kStage ? tile * lda : 0);
-    int64_t staged_tile = -1;
+  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> in(tile * lda);
+    std::vector<scalar_t> res(tile * ldo);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t i = w % nrows, n0 = (w / nrows) * tile, n1 = std::min(N, n0 + tile);
-      const acc_t* rows;  // row n0 of the input, in the accumulation type
-      if constexpr (kStage) {
-        if (staged_tile != w / nrows) {
-          for (int64_t e = 0; e < (n1 - n0) * lda; e += W) {
-            simd::store<acc_t>(staged.data() + e, simd::load<acc_t>(a + n0 * lda + e));
-          }
-          staged_tile = w / nrows;
+      const int64_t n0 = w * tile, rows = std::min(N, n0 + tile) - n0;
+      for (int64_t e = 0; e < rows * lda; e += W) simd::store<acc_t>(in.data() + e, simd::load<acc_t>(a + n0 * lda + e));
+      if (branch != nullptr) std::memcpy(res.data(), branch + n0 * ldo, rows * ldo * sizeof(scalar_t));
+      const scalar_t* rb = branch != nullptr ? res.data() : nullptr;
+      for (int64_t i = 0; i < nrows; ++i) {
+        int64_t n = 0;
+        for (; n + MR <= rows; n += MR) {
+          block_row_micro<scalar_t, acc_t, B, MR>(in.data() + n * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
+                                                  rb ? rb + n * ldo + i * B : nullptr, ldo,
+                                                  res.data() + n * ldo + i * B);
         }
-        rows = staged.data();
-      } else {
-        rows = a + n0 * lda;
+        for (; n < rows; ++n) {
+          block_row_micro<scalar_t, acc_t, B, 1>(in.data() + n * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
+                                                 rb ? rb + n * ldo + i * B : nullptr, ldo,
+                                                 res.data() + n * ldo + i * B);
+        }
       }
-      int64_t n = n0;
-      for (; n + MR <= n1; n += MR) {
-        block_row_micro<scalar_t, acc_t, B, MR>(rows + (n - n0) * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
-                                                branch ? branch + n * ldo + i * B : nullptr, ldo,
-                                                out + n * ldo + i * B);
-      }
-      for (; n < n1; ++n) {
-        block_row_micro<scalar_t, acc_t, B, 1>(rows + (n - n0) * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
-                                               branch ? branch + n * ldo + i * B : nullptr, ldo,
-                                               out + n * ldo + i * B);
-      }
+      std::memcpy(out + n0 * ldo, res.data(), rows * ldo * sizeof(scalar_t));
     }
   });
 }
@@ -224,33 +240,34 @@ inline void sampled_micro(const scalar_t* g, int64_t ldg, const scalar_t* x, int
     for (int v = 0; v < NV; ++v) simd::store<acc_t>(S + m * B + v * W, acc[m][v]);
 }
 
-// Rows of N per chunk of the sampled product: the g and x slices of a chunk stay in L2
-// while every strip of S passes over them.
-constexpr int64_t kSampledChunk = 512;
+// Rows of N per chunk of the sampled product: the chunk's rows of g and x stay in L2
+// while the blocks of a thread pass over them, so each is read from memory once per
+// thread rather than once per block.
+constexpr int64_t kSampledChunk = 64;
 
 // S[k] = g[:, row(k)*b : +b]^T @ x[:, col[k]*b : +b] for every block k of the forward layout.
-// Parallel over blocks; each block sums over N in a fixed order (deterministic).
+// Threads own disjoint ranges of blocks and walk N in chunks; every S[k] sums its rows
+// in the same order whatever the thread count (deterministic).
 template <typename scalar_t, typename acc_t>
 void sampled_gradient(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, const int64_t* crow,
                       const int64_t* col, int64_t nrows, int64_t nnzb, int64_t b, int64_t N, acc_t* S) {
   std::vector<int64_t> row_of(nnzb);
   for (int64_t i = 0; i < nrows; ++i) std::fill(row_of.begin() + crow[i], row_of.begin() + crow[i + 1], i);
   at::parallel_for(0, nnzb, 1, [&](int64_t begin, int64_t end) {
+    std::fill(S + begin * b * b, S + end * b * b, acc_t(0));
     std::vector<acc_t> xn(b);
-    for (int64_t k = begin; k < end; ++k) {
-      acc_t* Sk = S + k * b * b;
-      std::fill(Sk, Sk + b * b, acc_t(0));
-      const scalar_t* gk = g + row_of[k] * b;
-      const scalar_t* xk = x + col[k] * b;
-      const bool done = with_fixed_block(b, [&](auto block) {
-        constexpr int B = decltype(block)::value, MS = Blocking<acc_t, B>::MS;
-        for (int64_t n0 = 0; n0 < N; n0 += kSampledChunk) {
-          const int64_t n1 = std::min(N, n0 + kSampledChunk);
+    for (int64_t n0 = 0; n0 < N; n0 += kSampledChunk) {
+      const int64_t n1 = std::min(N, n0 + kSampledChunk);
+      for (int64_t k = begin; k < end; ++k) {
+        acc_t* Sk = S + k * b * b;
+        const scalar_t* gk = g + row_of[k] * b;
+        const scalar_t* xk = x + col[k] * b;
+        const bool done = with_fixed_block(b, [&](auto block) {
+          constexpr int B = decltype(block)::value, MS = Blocking<acc_t, B>::MS;
           for (int r0 = 0; r0 < B; r0 += MS) sampled_micro<scalar_t, acc_t, B, MS>(gk + r0, ldg, xk, ldx, n0, n1, Sk + r0 * B);
-        }
-      });
-      if (!done) {
-        for (int64_t n = 0; n < N; ++n) {
+        });
+        if (done) continue;
+        for (int64_t n = n0; n < n1; ++n) {
           for (int64_t c = 0; c < b; ++c) xn[c] = static_cast<acc_t>(xk[n * ldx + c]);
           for (int64_t r = 0; r < b; ++r) {
             const acc_t gv = static_cast<acc_t>(gk[n * ldg + r]);
@@ -305,6 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsr_skip_add_backward(
   check_same(grad, x, "grad", "x");
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == s.nrows * s.block,
               "grad must have shape [", x.size(0), ", ", s.nrows * s.block, "], got ", grad.sizes());
+  check_compressed(crow, col, s.ncols, "crow_indices", "col_indices");
   const double a = alpha_value(alpha);
   const at::Tensor gc = grad.contiguous(), xc = x.contiguous();
   at::Tensor dx, dvalues, dalpha;
@@ -313,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsr_skip_add_backward(
     constexpr auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     if (output_mask[0]) {
       check_compressed(ccol, row, s.nrows, "ccol_indices", "row_indices");
-      check_perm(perm);
+      check_transpose(crow, col, ccol, row, perm);
       // Transposed order: block t of column j is V_{perm[t]}, used untransposed.
       const at::Tensor B = values.index_select(0, perm).to(acc_type).contiguous();
       dx = at::empty_like(xc);
@@ -323,7 +341,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsr_skip_add_backward(
                                          dx.mutable_data_ptr<scalar_t>());
     }
     if (output_mask[1] || output_mask[2]) {
-      check_compressed(crow, col, s.ncols, "crow_indices", "col_indices");
       at::Tensor S = at::empty({s.nnzb, s.block, s.block}, x.options().dtype(acc_type));
       sampled_gradient<scalar_t, acc_t>(gc.const_data_ptr<scalar_t>(), gc.size(1), xc.const_data_ptr<scalar_t>(),
                                         xc.size(1), crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(),

@@ -13,6 +13,8 @@ lengths, shape divisible by the block size).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -28,13 +30,16 @@ def _index_tensor(t, name: str) -> Tensor:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
-    return t.detach().to("cpu", torch.int64)
+    return t.detach().to("cpu", torch.int64).contiguous()
 
 
 def _check_block_and_shape(block, shape) -> tuple[int, tuple[int, int]]:
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block size must be a positive int, got {block!r}")
-    shape = tuple(int(s) for s in shape)
+    try:  # integers only: 32.5 or "32" must not be truncated or parsed
+        shape = tuple(operator.index(s) for s in shape if not isinstance(s, bool))
+    except TypeError as err:
+        raise TypeError(f"shape must be two ints, got {shape!r}") from err
     if len(shape) != 2 or min(shape) < 1:
         raise ValueError(f"shape must be (rows, cols) with positive sizes, got {shape}")
     if shape[0] % block or shape[1] % block:

@@ -36,6 +36,9 @@ def _bound(mapping) -> tuple[int | None, int | None, Callable[[Tensor, Tensor | 
         b = mapping.values().shape[-1]
         layout = BlockLayout(mapping.crow_indices(), mapping.col_indices(), b, tuple(mapping.shape))
         values = mapping.values()
+        _check_floating(values, "mapping values")
+        if tuple(values.shape) != (layout.nnzb, b, b):
+            raise ValueError(f"mapping values must have shape {(layout.nnzb, b, b)} for its layout, got {tuple(values.shape)}")
 
         def run(x, branch, alpha):
             return bsr_skip_add(x, values.to(x.dtype), *layout.tensors(), branch, alpha)
@@ -54,6 +57,25 @@ def _check_floating(t: Tensor, name: str) -> None:
         raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a strided (dense) tensor, got layout {t.layout}")
+
+
+def _autocast(x: Tensor, branch: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Under ``torch.autocast`` for ``x``'s device, ``x`` and ``branch`` in the autocast dtype.
+
+    Like autocast's lower-precision ops (``matmul``, ``linear``), floating inputs other
+    than float64 are cast, so the op runs in the autocast dtype even when ``x`` is a
+    float32 residual stream and ``branch`` comes from an autocast Linear. The cast is
+    differentiable: gradients reach ``x`` and ``branch`` in their own dtypes.
+    """
+    device_type = x.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return x, branch
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+    return cast(x), cast(branch)
 
 
 def _alpha_tensor(alpha, x: Tensor) -> Tensor:
@@ -93,16 +115,21 @@ def skip_add(
             ``None`` for the identity. A mapping of another dtype is cast to ``x``'s.
         branch: the residual branch's output, ``x``'s shape with ``D_out`` features,
             same dtype and device as ``x``; ``None`` for a pure skip product.
+            Under ``torch.autocast`` both are first cast to the autocast dtype
+            (float64 excepted), so the op runs in it.
         alpha: the skip weight, a finite float or 0-d floating tensor (learnable if it
             requires grad).
         feature_dim: the dimension of ``x`` and ``branch`` that holds the features
             (``1`` for ``(N, C, H, W)``; free for ``channels_last`` tensors).
 
     Returns:
-        ``x``'s shape with ``D_out`` features, ``x``'s dtype; a 4-D result keeps the
-        memory format of ``x``.
+        ``x``'s shape with ``D_out`` features, ``x``'s dtype (the autocast dtype
+        under ``torch.autocast``); a 4-D result keeps the memory format of ``x``.
     """
     _check_floating(x, "x")
+    if branch is not None:
+        _check_floating(branch, "branch")
+    x, branch = _autocast(x, branch)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the features)")
     fd = feature_dim % x.dim() if -x.dim() <= feature_dim < x.dim() else None
@@ -116,7 +143,6 @@ def skip_add(
     out_shape = list(x.shape)
     out_shape[fd] = d_out
     if branch is not None:
-        _check_floating(branch, "branch")
         if branch.dtype != x.dtype:
             raise TypeError(f"branch has dtype {branch.dtype} but x has dtype {x.dtype}; they must match")
         if branch.device != x.device:

@@ -50,15 +50,17 @@ def bsr_skip_add(
 
     Sparse semantics: only stored blocks take part, so a NaN or Inf in ``x`` reaches
     only the outputs of block rows that store a block in its column (a structural zero
-    contributes nothing, as in ``torch.sparse``), unlike a dense ``x @ M^T``.
+    contributes nothing, as in ``torch.sparse``), unlike a dense ``x @ M^T``. Reduced
+    precisions (bfloat16, float16) accumulate in float32, like the kernels.
     """
     b = values.shape[-1]
     nrows = crow_indices.numel() - 1
-    xb = x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
-    products = torch.einsum("...kc,kjc->...kj", xb.index_select(-2, col_indices), values)
+    acc = torch.promote_types(x.dtype, torch.float32)  # reduced precisions accumulate in float32
+    xb = x.to(acc).reshape(*x.shape[:-1], x.shape[-1] // b, b)
+    products = torch.einsum("...kc,kjc->...kj", xb.index_select(-2, col_indices), values.to(acc))
     y = products.new_zeros(*x.shape[:-1], nrows, b).index_add(-2, block_rows(crow_indices), products)
     y = alpha * y.reshape(*x.shape[:-1], nrows * b)
-    return y if branch is None else y + branch
+    return (y if branch is None else y + branch).to(x.dtype)
 
 
 def permutation_skip_add(x: Tensor, index: Tensor, branch: Tensor | None = None, alpha: Tensor | float = 1.0) -> Tensor:

@@ -1,0 +1,5 @@
+"""``python -m entskip.bench``: see :mod:`entskip.bench`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""Smoke test of the benchmark harness (``python -m entskip.bench``) on a tiny grid.
+
+Runs ``main()`` in-process and checks that every method has a record with sane
+numbers, that the table prints and that the JSON and PNG are written. The
+``torch.compile`` peer runs with the ``aot_eager`` backend here: inductor's first
+compile on a fresh machine probes the CPU's vector ISA by compiling test programs,
+which takes tens of seconds on two cores, and the harness's plumbing, not inductor,
+is under test.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pytest
+import torch
+
+from entskip import bench
+from entskip.bench.peers import METHODS
+
+
+@pytest.fixture
+def fast_compile(monkeypatch):
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_harness_times_every_method_and_writes_its_reports(tmp_path, capsys, fast_compile):
+    argv = "--device cpu --n 64 --dims 64 --blocks 16 --densities 1 --dtypes float32 --repeats 2 --budget 1"
+    path = bench.main([*argv.split(), "--out", str(tmp_path)])
+
+    table = capsys.readouterr().out
+    for heading in ("forward, float32, N=64, D=64", "fwd+bwd, float32, N=64, D=64", "median ms", "% of floor"):
+        assert heading in table
+    for method in METHODS:
+        assert method.label in table
+
+    data = json.loads(path.read_text())
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert data["device"] == "cpu" and data["versions"]["torch"] == torch.__version__
+    assert _positive(data["roofline"]["bandwidth_GBps"]) and _positive(data["roofline"]["peak_TFLOPs"]["float32"])
+    records = {(r["method"], r["pass"]): r for r in data["results"]}
+    assert set(records) == {(m.id, p) for m in METHODS for p in ("forward", "fwd+bwd")}
+    for (method, pass_name), rec in records.items():
+        if (method, pass_name) == ("sparse-bsr", "fwd+bwd"):
+            assert rec["status"] == "n/a" and rec["reason"] == "no autograd"
+            continue
+        assert rec["status"] == "ok", rec
+        assert len(rec["samples_ms"]) == 2
+        for key in ("median_ms", "floor_ms", "vs_add", "vs_best_peer", "floor_fraction", "bytes"):
+            assert _positive(rec[key]), (method, pass_name, key, rec[key])
+    assert records[("x+r", "forward")]["vs_add"] == 1.0
