@@ -30,8 +30,11 @@ at::Tensor dense_skip_add(const at::Tensor& x, const at::Tensor& weight, const a
   check_alpha(alpha, x);
   check_branch(branch, x, weight.size(0));
   const double a = alpha_value(alpha);
-  if (branch.has_value()) return at::addmm(*branch, x, weight.t(), /*beta=*/1, /*alpha=*/a);
-  return at::mm(x, weight.t()).mul_(a);
+  // BLAS skips the product when alpha == 0, which would mask a NaN/Inf of x: then
+  // form it explicitly, as the reference does (0 * NaN = NaN).
+  if (branch.has_value() && a != 0.0) return at::addmm(*branch, x, weight.t(), /*beta=*/1, /*alpha=*/a);
+  at::Tensor y = at::mm(x, weight.t()).mul_(a);
+  return branch.has_value() ? y.add_(*branch) : y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at::Tensor& grad, const at::Tensor& x,
