@@ -438,3 +438,29 @@ def test_reference_bsr_low_precision_accuracy():
     with entskip.use_backend("reference"):
         y = entskip.skip_add(x, m)
     assert float((y.double() - expected).abs().max()) <= RTOL[torch.bfloat16] * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("which", ["y", "dx"])
+def test_dense_cpu_kernel_rounds_alpha_once(which):
+    alpha = 0.26643692478774333
+    a32 = torch.tensor(alpha, dtype=torch.float32).double()  # skip_add's alpha: a float32 tensor
+    x = torch.randn(4096, 1, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_(True)
+    w = torch.ones(1, 1, dtype=torch.bfloat16)  # M = [[1]]: the exact result is alpha * x
+    g = torch.randn(4096, 1, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with entskip.use_backend("cpu"):
+        y = entskip.skip_add(x, w, None, alpha)
+        (dx,) = torch.autograd.grad(y, x, g)
+    got, exact = (y, x.double() * a32) if which == "y" else (dx, g.double() * a32)
+    # one rounding to bfloat16 of the exact value: relative error at most 2^-8
+    assert bool(((got.double() - exact).abs() <= 2.0**-8 * exact.abs() * (1 + 1e-6)).all())
+
+
+def test_dense_cpu_kernel_with_branch_rounds_once():
+    """The control for the test above: the branch path (addmm, alpha in float) meets the same criterion."""
+    alpha = 0.26643692478774333
+    a32 = torch.tensor(alpha, dtype=torch.float32).double()
+    x = torch.randn(4096, 1, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with entskip.use_backend("cpu"):
+        y = entskip.skip_add(x, torch.ones(1, 1, dtype=torch.bfloat16), torch.zeros(4096, 1, dtype=torch.bfloat16), alpha)
+    exact = x.double() * a32
+    assert bool(((y.double() - exact).abs() <= 2.0**-8 * exact.abs() * (1 + 1e-6)).all())

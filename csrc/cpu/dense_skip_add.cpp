@@ -15,6 +15,15 @@ at::Tensor alpha_grad(const at::Tensor& s, const at::Tensor& m, const at::Tensor
 
 namespace {
 
+// a * (m1 @ m2) with one rounding: the GEMM applies alpha (in float) before it rounds to a
+// reduced-precision output. BLAS skips the product when alpha == 0, which would mask a
+// NaN/Inf of the operands, so that case forms it explicitly (0 * NaN = NaN, as the reference).
+at::Tensor scaled_mm(const at::Tensor& m1, const at::Tensor& m2, double a) {
+  if (a == 0.0) return at::mm(m1, m2).mul_(a);
+  const at::Tensor unused = at::empty({m1.size(0), m2.size(1)}, m1.options());
+  return at::addmm(unused, m1, m2, /*beta=*/0, /*alpha=*/a);
+}
+
 void check_dense(const at::Tensor& x, const at::Tensor& weight) {
   check_float_matrix(x, "x");
   check_cpu(x, "x");
@@ -30,10 +39,8 @@ at::Tensor dense_skip_add(const at::Tensor& x, const at::Tensor& weight, const a
   check_alpha(alpha, x);
   check_branch(branch, x, weight.size(0));
   const double a = alpha_value(alpha);
-  // BLAS skips the product when alpha == 0, which would mask a NaN/Inf of x: then
-  // form it explicitly, as the reference does (0 * NaN = NaN).
   if (branch.has_value() && a != 0.0) return at::addmm(*branch, x, weight.t(), /*beta=*/1, /*alpha=*/a);
-  at::Tensor y = at::mm(x, weight.t()).mul_(a);
+  at::Tensor y = scaled_mm(x, weight.t(), a);
   return branch.has_value() ? y.add_(*branch) : y;
 }
 
@@ -48,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at:
               "grad must have shape [", x.size(0), ", ", weight.size(0), "], got ", grad.sizes());
   const double a = alpha_value(alpha);
   at::Tensor dx, dweight, dalpha;
-  if (output_mask[0]) dx = at::mm(grad, weight).mul_(a);
+  if (output_mask[0]) dx = scaled_mm(grad, weight, a);
   if (output_mask[1] || output_mask[2]) {
     // Reduced precisions accumulate the N-long reduction in float32.
     const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
