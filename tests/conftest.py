@@ -93,5 +93,14 @@ def make_mapping(kind: str, dim: int, block: int, seed: int = 0, out_dim: int | 
     raise ValueError(kind)
 
 
+def stored_tensor(mapping: mappings.Mapping) -> torch.Tensor | None:
+    """The tensor that stores ``M`` (dense ``weight`` or BSR ``blocks``); ``None`` for identity/permutation."""
+    if isinstance(mapping, mappings.DenseMapping):
+        return mapping.weight
+    if isinstance(mapping, mappings.BlockSparseMapping):
+        return mapping.blocks
+    return None
+
+
 def mapping_matrix(mapping: mappings.Mapping) -> torch.Tensor:
     return mapping.matrix().detach().double()

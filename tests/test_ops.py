@@ -10,7 +10,7 @@ import torch
 import entskip
 from entskip import mappings, reference
 
-from conftest import RTOL, assert_close, make_mapping, mapping_matrix
+from conftest import RTOL, assert_close, make_mapping, mapping_matrix, stored_tensor
 
 NATIVE_KINDS = ["orthogonal", "dense_rect", "dense_colmajor", "sparse", "sparse_full", "structural", "block_orthogonal", "bsr_rect"]
 ALL_KINDS = NATIVE_KINDS + ["identity", "permutation"]
@@ -19,18 +19,9 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 LEADS = [(1,), (7,), (3, 100), (2, 3, 5), (2, 1, 3, 4)]  # rank 1..4; row counts off the micro-tile
 
 
-def _matrix_tensor(mapping):
-    """The stored tensor that holds M (None for identity/permutation)."""
-    if isinstance(mapping, mappings.DenseMapping):
-        return mapping.weight
-    if isinstance(mapping, mappings.BlockSparseMapping):
-        return mapping.blocks
-    return None
-
-
 def _run(mapping, x, branch, alpha, grad_out):
     """Forward and the gradients of x, M's storage, alpha and branch."""
-    mat = _matrix_tensor(mapping)
+    mat = stored_tensor(mapping)
     y = entskip.skip_add(x, mapping, branch, alpha)
     inputs = [t for t in (x, mat, alpha, branch) if t is not None]
     grads = torch.autograd.grad(y, inputs, grad_out)
@@ -52,8 +43,8 @@ def _check_against_reference(mapping64, dtype, lead, with_branch, seed=0):
     mapping = copy.deepcopy(mapping64).to(dtype)
     ref_mapping = copy.deepcopy(mapping).double()  # the reference sees the same rounded values
     for m in (mapping, ref_mapping):
-        if _matrix_tensor(m) is not None:
-            _matrix_tensor(m).requires_grad_(True)
+        if stored_tensor(m) is not None:
+            stored_tensor(m).requires_grad_(True)
 
     def leaves(cast):
         return [None if t is None else cast(t).detach().requires_grad_(True) for t in (x, branch, alpha)]
@@ -65,7 +56,7 @@ def _check_against_reference(mapping64, dtype, lead, with_branch, seed=0):
         y_ref, grads_ref = _run(ref_mapping, xr, br, ar, grad_out.double())
     assert y.dtype == dtype and y.shape == (*lead, d_out)
     assert_close(y, y_ref, dtype, "y")
-    names = [n for n, t in zip(("dx", "dM", "dalpha", "dbranch"), (x, _matrix_tensor(mapping), alpha, branch)) if t is not None]
+    names = [n for n, t in zip(("dx", "dM", "dalpha", "dbranch"), (x, stored_tensor(mapping), alpha, branch)) if t is not None]
     # dalpha sums N * D_out * D_in products that cancel: its scale is the sum of their magnitudes.
     terms = grad_out.double().abs() * (xr.detach().abs() @ mapping_matrix(ref_mapping).abs().mT)
     for name, g, g_ref in zip(names, grads, grads_ref):
@@ -88,7 +79,7 @@ def test_cpu_backend_matches_reference(kind, block, dtype, lead, with_branch, po
 @pytest.mark.parametrize("kind", NATIVE_KINDS)
 def test_gradcheck_float64(kind, cpu_backend):
     mapping = make_mapping(kind, 16, 4, seed=1, out_dim=24)
-    mat = _matrix_tensor(mapping).detach().clone().requires_grad_(True)
+    mat = stored_tensor(mapping).detach().clone().requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     branch = torch.randn(5, mapping.out_features, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -147,7 +138,7 @@ def test_backward_mask_leaves_unrequested_grads_undefined():
 @pytest.mark.parametrize("kind", ["sparse", "orthogonal"])
 def test_empty_batch(kind, cpu_backend):
     mapping = make_mapping(kind, 32, 8)
-    values = _matrix_tensor(mapping).requires_grad_(True)
+    values = stored_tensor(mapping).requires_grad_(True)
     x = torch.randn(0, 5, 32, dtype=torch.float64, requires_grad=True)
     branch = torch.randn(0, 5, 32, dtype=torch.float64, requires_grad=True)
     alpha = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
@@ -180,7 +171,7 @@ def test_sparse_bsr_tensor_mapping(cpu_backend):
 
 def test_deterministic_forward_backward(cpu_backend):
     mapping = make_mapping("sparse", 256, 32).float()
-    values = _matrix_tensor(mapping).requires_grad_(True)
+    values = stored_tensor(mapping).requires_grad_(True)
     x = torch.randn(1000, 256, requires_grad=True)
     alpha = torch.tensor(0.8, requires_grad=True)
 

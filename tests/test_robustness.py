@@ -23,7 +23,7 @@ import torch
 import entskip
 from entskip import backends, mappings
 
-from conftest import RTOL, make_mapping
+from conftest import RTOL, make_mapping, stored_tensor
 
 
 def _backends_for(device: str) -> list[str]:
@@ -51,14 +51,6 @@ def test_cpu_backends_are_all_tested():
 
 KINDS = ["dense_rect", "orthogonal", "bsr_rect", "sparse", "block_orthogonal", "identity", "permutation"]
 FUSED_KINDS = {"dense_rect", "orthogonal", "bsr_rect", "sparse", "block_orthogonal"}
-
-
-def _stored(mapping):
-    if isinstance(mapping, mappings.DenseMapping):
-        return mapping.weight
-    if isinstance(mapping, mappings.BlockSparseMapping):
-        return mapping.blocks
-    return None
 
 
 def _explicit(mapping, stored64, x, branch, alpha, grad):
@@ -144,7 +136,7 @@ def test_nan_and_inf_propagate_like_the_reference(kind, where, dtype, backend):
         _inject(branch, gen, 12)
     alpha = torch.tensor(-0.7, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
-    stored = _stored(mapping)
+    stored = stored_tensor(mapping)
     xl = x.clone().requires_grad_(True)
     bl = branch.clone().requires_grad_(True)
     al = alpha.clone().requires_grad_(True)
@@ -189,7 +181,7 @@ def test_alpha_zero_does_not_mask_nan_and_inf(kind, backend):
     branch = torch.randn(6, mapping.out_features, dtype=torch.float64)
     with entskip.use_backend(backend):
         y = entskip.skip_add(x, mapping, branch, 0.0)
-    stored = _stored(mapping)
+    stored = stored_tensor(mapping)
     zero = torch.tensor(0.0, dtype=torch.float64)
     y_ref, *_ = _explicit(mapping, None if stored is None else stored.double(), x, branch, zero, torch.zeros_like(branch))
     assert bool(torch.isnan(y_ref).any())  # 0 * NaN and 0 * Inf are NaN
@@ -219,7 +211,7 @@ def _run_once(mapping, x0, b0, g, alpha0):
     x = x0.clone().requires_grad_(True)
     b = b0.clone().requires_grad_(True)
     a = alpha0.clone().requires_grad_(True)
-    stored = _stored(mapping)
+    stored = stored_tensor(mapping)
     stored.grad = None
     stored.requires_grad_(True)
     y = entskip.skip_add(x, mapping, b, a)
