@@ -50,7 +50,7 @@ setup(
     version="0.1.0",
     description="Fused entangled residual skips (y = alpha * x @ M^T + branch) for PyTorch",
     package_dir={"entskip": "python/entskip"},
-    packages=["entskip", "entskip.bench", "entskip.models"],
+    packages=["entskip", "entskip.bench", "entskip.experiments", "entskip.models"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.10",
