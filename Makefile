@@ -5,14 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch is pinned: an unpinned `pip install torch` pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# triton runs the Triton kernels' CPU tests (interpreter) and their AOT compile check.
+TRITON ?= triton==3.9.0
 NATIVE := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: demo test bench bench-quick nvcc-check clean
+.PHONY: demo test bench bench-quick nvcc-check triton-aot clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH)" numpy ninja pybind11 pytest pytest-benchmark hypothesis matplotlib tqdm
+	$(PY) -m pip install -q "$(TORCH)" "$(TRITON)" numpy ninja pybind11 pytest pytest-benchmark hypothesis matplotlib tqdm scikit-learn
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(NATIVE)
@@ -35,6 +37,11 @@ bench-quick: $(VENV)/.built
 # Compile-only check of the CUDA sources for sm_80 and sm_90 (no GPU needed).
 nvcc-check:
 	bash .ci/nvcc_check.sh
+
+# Ahead-of-time compile of every shipped Triton config for sm_80 and sm_90 (no GPU needed):
+# registers, spills, shared memory, wgmma; fails on a compile error or a spill.
+triton-aot: $(VENV)/.built
+	$(PY) -m entskip.triton_kernels.aot --check
 
 clean:
 	rm -rf $(VENV) build python/*.egg-info python/entskip/_C*.so

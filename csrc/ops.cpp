@@ -40,4 +40,20 @@ TORCH_LIBRARY(entskip, m) {
       "bsr_skip_add_backward(Tensor grad, Tensor x, Tensor values, Tensor crow_indices, "
       "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor perm, Tensor alpha, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // The CUDA C++ backend (csrc/cuda/): the same signatures and semantics as the four ops
+  // above, with CUDA implementations only. The CUDA implementation of the public ops
+  // (python/entskip/gpu_dispatch.py) calls these when the active backend is "cuda" and the
+  // Triton kernels when it is "triton": one registration per dispatch key (DESIGN section 6).
+  m.def("_cuda_dense_skip_add(Tensor x, Tensor weight, Tensor alpha, Tensor? branch) -> Tensor");
+  m.def(
+      "_cuda_dense_skip_add_backward(Tensor grad, Tensor x, Tensor weight, Tensor alpha, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_cuda_bsr_skip_add(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+      "Tensor ccol_indices, Tensor row_indices, Tensor perm, Tensor alpha, Tensor? branch) -> Tensor");
+  m.def(
+      "_cuda_bsr_skip_add_backward(Tensor grad, Tensor x, Tensor values, Tensor crow_indices, "
+      "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor perm, Tensor alpha, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

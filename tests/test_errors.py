@@ -150,9 +150,10 @@ def test_backend_selection():
         entskip.set_backend("fast")
     with entskip.use_backend("reference"):
         assert entskip.get_backend() == "reference"
-        with pytest.raises(NotImplementedError, match="'triton' is not built"):
-            with entskip.use_backend("triton"):
-                entskip.skip_add(torch.randn(2, 8), torch.randn(8, 8))
+        for gpu_backend in ("triton", "cuda"):
+            with pytest.raises(ValueError, match=f"backend '{gpu_backend}' runs CUDA tensors only"):
+                with entskip.use_backend(gpu_backend):
+                    entskip.skip_add(torch.randn(2, 8), torch.randn(8, 8))
         assert entskip.get_backend() == "reference"
     with entskip.use_backend("cpu"):
         with pytest.raises(ValueError, match="backend 'cpu' runs CPU tensors only"):

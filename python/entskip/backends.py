@@ -4,10 +4,14 @@ Backends (DESIGN section 4):
 
 - ``reference``: plain differentiable torch ops (:mod:`entskip.reference`), any device.
 - ``cpu``: the fused C++ kernels of ``entskip._C`` (CPU tensors).
-- ``triton`` / ``cuda``: the GPU kernels; not part of this build yet, asking for them
-  raises an error instead of silently running something else.
+- ``triton``: the Triton kernels of :mod:`entskip.triton_kernels` (CUDA tensors; needs
+  the ``triton`` package).
+- ``cuda``: the CUDA C++ kernels of ``csrc/cuda`` (CUDA tensors; needs entskip built
+  against a CUDA torch).
 - ``auto`` (default): the fastest validated backend for the tensor's device: ``cpu`` for
-  CPU tensors when ``entskip._C`` loaded, else ``reference``.
+  CPU tensors when ``entskip._C`` loaded, else ``reference``. For CUDA tensors ``auto``
+  picks a GPU backend only once a GPU run has validated it (:data:`VALIDATED_GPU_BACKEND`);
+  until then it runs ``reference``, and ``triton``/``cuda`` are opt-in.
 
 ``ENTSKIP_BACKEND=<name>`` sets the starting value; :func:`set_backend` and the
 :func:`use_backend` context manager change it at run time.
@@ -22,6 +26,9 @@ import torch
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _GPU_BACKENDS = ("triton", "cuda")
+# The GPU backend ``auto`` runs on CUDA tensors. None: no GPU backend has passed the GPU
+# test suite and benchmark (bench/gpu_check.sh) yet, so ``auto`` stays on ``reference``.
+VALIDATED_GPU_BACKEND: str | None = None
 
 try:
     from . import _C  # noqa: F401  (loading the library registers torch.ops.entskip)
@@ -68,17 +75,28 @@ def use_backend(name: str):
 
 
 def resolve(device: torch.device) -> str:
-    """The concrete backend (``reference`` or ``cpu``) that runs tensors on ``device``."""
+    """The concrete backend (``reference``, ``cpu``, ``triton`` or ``cuda``) for ``device``."""
     name = _backend
     if name == "auto":
-        return "cpu" if device.type == "cpu" and native_available() else "reference"
+        if device.type == "cpu" and native_available():
+            return "cpu"
+        if device.type == "cuda" and VALIDATED_GPU_BACKEND is not None:
+            return VALIDATED_GPU_BACKEND
+        return "reference"
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend 'cpu' runs CPU tensors only, but the input is on {device}")
         if not native_available():
             raise RuntimeError(f"backend 'cpu' needs the compiled library entskip._C, which failed to load: {NATIVE_ERROR}")
     if name in _GPU_BACKENDS:
-        raise NotImplementedError(
-            f"backend {name!r} is not built in this version of entskip; use 'auto' or 'reference'"
-        )
+        if device.type != "cuda":
+            raise ValueError(f"backend {name!r} runs CUDA tensors only, but the input is on {device}")
+        if not native_available():
+            raise RuntimeError(f"backend {name!r} needs the op schemas of entskip._C, which failed to load: {NATIVE_ERROR}")
+        from . import gpu_dispatch
+
+        if name == "triton" and not gpu_dispatch.triton_available():
+            raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
+        if name == "cuda" and not gpu_dispatch.cuda_kernels_available():
+            raise RuntimeError("backend 'cuda' needs entskip built against a CUDA build of torch (csrc/cuda)")
     return name

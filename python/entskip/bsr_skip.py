@@ -10,6 +10,9 @@ sees only tensors). Shapes: ``x (N, C*b)``, ``branch (N, R*b)`` or ``None``,
 Backward (``g = dL/dy``): ``dx = alpha * g @ M`` through the transposed layout,
 ``dvalues = alpha * (g^T @ x)`` sampled on M's blocks only,
 ``dalpha = <g^T @ x, M>`` from the same sampled product, ``dbranch = g``.
+
+On CUDA tensors the ops run :func:`gpu_forward` / :func:`gpu_backward`: the Triton or
+the CUDA C++ kernels (:mod:`entskip.gpu_dispatch`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends, gpu_dispatch, reference
 
 
 def bsr_skip_add(
@@ -47,7 +50,45 @@ def bsr_skip_add(
     )
 
 
+def gpu_forward(x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, branch, backend):
+    """The CUDA implementation of ``bsr_skip_add`` on ``backend`` (``"triton"`` or ``"cuda"``).
+
+    Checks the arguments and the layout first. Under ``TRITON_INTERPRET=1`` the Triton
+    kernels also run on CPU tensors (how CPU CI tests them).
+    """
+    layout = (crow_indices, col_indices, ccol_indices, row_indices, perm)
+    blocks = gpu_dispatch.TRITON_BLOCKS if backend == "triton" else None
+    gpu_dispatch.check_bsr(x, values, *layout, alpha, branch=branch, block_sizes=blocks)
+    gpu_dispatch.validate_layout(*layout, values.shape[-1])
+    if backend == "cuda":
+        return torch.ops.entskip._cuda_bsr_skip_add(x, values, *layout, alpha, branch)
+    return gpu_dispatch.triton_kernels().bsr_skip.forward(x, values, crow_indices, col_indices, alpha, branch)
+
+
+def gpu_backward(grad, x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, output_mask,
+                 backend):
+    """The CUDA implementation of ``bsr_skip_add_backward`` (see :func:`gpu_forward`)."""
+    layout = (crow_indices, col_indices, ccol_indices, row_indices, perm)
+    blocks = gpu_dispatch.TRITON_BLOCKS if backend == "triton" else None
+    gpu_dispatch.check_bsr(x, values, *layout, alpha, grad=grad, block_sizes=blocks)
+    gpu_dispatch.validate_layout(*layout, values.shape[-1])
+    if backend == "cuda":
+        return torch.ops.entskip._cuda_bsr_skip_add_backward(grad, x, values, *layout, alpha, output_mask)
+    return gpu_dispatch.triton_kernels().bsr_skip.backward(grad, x, values, *layout, alpha, output_mask)
+
+
 if backends.native_available():
+
+    @torch.library.impl("entskip::bsr_skip_add", "CUDA")
+    def _(x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, branch):
+        backend = gpu_dispatch.kernel_backend(x.device)
+        return gpu_forward(x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, branch, backend)
+
+    @torch.library.impl("entskip::bsr_skip_add_backward", "CUDA")
+    def _(grad, x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, output_mask):
+        backend = gpu_dispatch.kernel_backend(x.device)
+        layout = (crow_indices, col_indices, ccol_indices, row_indices, perm)
+        return gpu_backward(grad, x, values, *layout, alpha, output_mask, backend)
 
     @torch.library.register_fake("entskip::bsr_skip_add")
     def _(x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, branch):

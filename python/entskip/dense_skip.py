@@ -7,6 +7,9 @@ and autograd formula, and :func:`dense_skip_add`, which picks the backend. Shape
 
 Backward (``g = dL/dy``): ``dx = alpha * g @ W``, ``dW = alpha * g^T @ x``,
 ``dalpha = <g^T @ x, W>``, ``dbranch = g``.
+
+On CUDA tensors the ops run :func:`gpu_forward` / :func:`gpu_backward`: the Triton or
+the CUDA C++ kernels (:mod:`entskip.gpu_dispatch`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends, gpu_dispatch, reference
 
 
 def dense_skip_add(x: Tensor, weight: Tensor, branch: Tensor | None, alpha: Tensor) -> Tensor:
@@ -26,7 +29,35 @@ def dense_skip_add(x: Tensor, weight: Tensor, branch: Tensor | None, alpha: Tens
     )
 
 
+def gpu_forward(x, weight, alpha, branch, backend):
+    """The CUDA implementation of ``dense_skip_add`` on ``backend`` (``"triton"`` or ``"cuda"``).
+
+    Checks the arguments first. Under ``TRITON_INTERPRET=1`` the Triton kernels also run
+    on CPU tensors (how CPU CI tests them).
+    """
+    gpu_dispatch.check_dense(x, weight, alpha, branch=branch)
+    if backend == "cuda":
+        return torch.ops.entskip._cuda_dense_skip_add(x, weight, alpha, branch)
+    return gpu_dispatch.triton_kernels().dense_skip.forward(x, weight, alpha, branch)
+
+
+def gpu_backward(grad, x, weight, alpha, output_mask, backend):
+    """The CUDA implementation of ``dense_skip_add_backward`` (see :func:`gpu_forward`)."""
+    gpu_dispatch.check_dense(x, weight, alpha, grad=grad)
+    if backend == "cuda":
+        return torch.ops.entskip._cuda_dense_skip_add_backward(grad, x, weight, alpha, output_mask)
+    return gpu_dispatch.triton_kernels().dense_skip.backward(grad, x, weight, alpha, output_mask)
+
+
 if backends.native_available():
+
+    @torch.library.impl("entskip::dense_skip_add", "CUDA")
+    def _(x, weight, alpha, branch):
+        return gpu_forward(x, weight, alpha, branch, gpu_dispatch.kernel_backend(x.device))
+
+    @torch.library.impl("entskip::dense_skip_add_backward", "CUDA")
+    def _(grad, x, weight, alpha, output_mask):
+        return gpu_backward(grad, x, weight, alpha, output_mask, gpu_dispatch.kernel_backend(x.device))
 
     @torch.library.register_fake("entskip::dense_skip_add")
     def _(x, weight, alpha, branch):

@@ -1,0 +1,162 @@
+"""The GPU kernel backends behind the CUDA implementations of the entskip ops.
+
+Each public op has one CUDA implementation (registered in its op-family file,
+:mod:`entskip.bsr_skip` and :mod:`entskip.dense_skip`; two registrations for one key
+would collide, DESIGN section 6). It runs the kernels of :func:`kernel_backend`:
+
+- ``triton``: :mod:`entskip.triton_kernels` (needs the ``triton`` package);
+- ``cuda``: the CUDA C++ kernels ``torch.ops.entskip._cuda_*`` (``csrc/cuda/``, built
+  when the installed torch has CUDA).
+
+Both trust their layout, so :func:`validate_layout` checks every layout on the host
+once (a device-to-host copy the first time a layout is seen) and remembers it by the
+identity and version of its index tensors: later calls, CUDA graph capture included,
+do not synchronise. Argument checks (:func:`check_bsr`, :func:`check_dense`) raise a
+``ValueError``/``TypeError`` naming the argument before any kernel is launched.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import weakref
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import backends
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+TRITON_BLOCKS = (16, 32, 64)  # power-of-two tiles of at least 16 (tl.dot) that fit without spills
+
+
+@functools.cache
+def triton_kernels():
+    """The ``entskip.triton_kernels`` package; ``ImportError`` when triton is missing."""
+    return importlib.import_module("entskip.triton_kernels")
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels import (the ``triton`` package is installed)."""
+    try:
+        triton_kernels()
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_kernels_available() -> bool:
+    """Whether entskip._C was built with the CUDA C++ kernels."""
+    return backends.native_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "entskip::_cuda_bsr_skip_add", "CUDA"
+    )
+
+
+def kernel_backend(device: torch.device) -> str:
+    """``"triton"`` or ``"cuda"``: the selected GPU backend, or for ``auto``/``reference``
+    (a direct call of ``torch.ops.entskip.*`` on CUDA tensors) the first one available."""
+    name = backends.resolve(device)
+    if name in ("triton", "cuda"):
+        return name
+    if triton_available():
+        return "triton"
+    if cuda_kernels_available():
+        return "cuda"
+    raise RuntimeError("no GPU kernels available: install triton or build entskip with CUDA")
+
+
+def _check_matrix(t: Tensor, name: str, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_alpha(alpha: Tensor, device: torch.device) -> None:
+    if alpha.dim() != 0 or not alpha.dtype.is_floating_point:
+        raise ValueError(f"alpha must be a 0-d floating tensor, got {alpha.dtype} of shape {tuple(alpha.shape)}")
+    if alpha.device != device:
+        raise ValueError(f"alpha is on {alpha.device} but x is on {device}")
+
+
+def _check_rows(t: Tensor | None, name: str, x: Tensor, features: int) -> None:
+    if t is None:
+        return
+    _check_matrix(t, name, x.device, x.dtype)
+    if tuple(t.shape) != (x.shape[0], features):
+        raise ValueError(f"{name} must have shape {(x.shape[0], features)}, got {tuple(t.shape)}")
+
+
+def check_dense(x: Tensor, weight: Tensor, alpha: Tensor, branch: Tensor | None = None, grad: Tensor | None = None):
+    """Checks the arguments of the dense ops: ``x (N, D_in)``, ``weight (D_out, D_in)``."""
+    _check_matrix(x, "x", x.device)
+    _check_matrix(weight, "weight", x.device, x.dtype)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must have {x.shape[1]} columns (x's features), got shape {tuple(weight.shape)}")
+    _check_alpha(alpha, x.device)
+    _check_rows(branch, "branch", x, weight.shape[0])
+    _check_rows(grad, "grad", x, weight.shape[0])
+
+
+def check_bsr(x, values, crow, col, ccol, row, perm, alpha, branch=None, grad=None, block_sizes=None) -> None:
+    """Checks the arguments of the BSR ops (shapes as in ``csrc/ops.cpp``); ``block_sizes``
+    lists the block sizes the chosen kernels support."""
+    _check_matrix(x, "x", x.device)
+    if values.dim() != 3 or values.shape[1] != values.shape[2] or values.shape[1] == 0:
+        raise ValueError(f"values must have shape (nnzb, b, b), got {tuple(values.shape)}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values has dtype {values.dtype} but x has dtype {x.dtype}")
+    if values.device != x.device or not values.is_contiguous():
+        raise ValueError(f"values must be a contiguous tensor on {x.device}")
+    b = values.shape[-1]
+    if block_sizes is not None and b not in block_sizes:
+        raise ValueError(f"block size {b} is not supported by these kernels (supported: {block_sizes})")
+    if x.shape[1] % b:
+        raise ValueError(f"x has {x.shape[1]} features, not divisible by the block size {b}")
+    nnzb, ncols = values.shape[0], x.shape[1] // b
+    nrows = crow.numel() - 1
+    for t, name, n in [(crow, "crow_indices", None), (col, "col_indices", nnzb), (ccol, "ccol_indices", ncols + 1),
+                       (row, "row_indices", nnzb), (perm, "perm", nnzb)]:
+        if t.dim() != 1 or t.dtype != torch.int64 or not t.is_contiguous() or t.device != x.device:
+            raise ValueError(f"{name} must be a contiguous 1-D int64 tensor on {x.device}")
+        if n is not None and t.numel() != n:
+            raise ValueError(f"{name} must have {n} entries, got {t.numel()}")
+    if nrows < 0:
+        raise ValueError("crow_indices must not be empty")
+    _check_alpha(alpha, x.device)
+    _check_rows(branch, "branch", x, nrows * b)
+    _check_rows(grad, "grad", x, nrows * b)
+
+
+_validated = WeakIdKeyDictionary()  # crow_indices -> (block, (weakref, version) of the five tensors)
+
+
+def _is_validated(tensors, block: int) -> bool:
+    entry = _validated.get(tensors[0])
+    if entry is None or entry[0] != block:
+        return False
+    return all(ref() is t and t._version == version for (ref, version), t in zip(entry[1], tensors))
+
+
+def validate_layout(crow: Tensor, col: Tensor, ccol: Tensor, row: Tensor, perm: Tensor, block: int) -> None:
+    """Raise ``ValueError`` unless the index tensors form a valid layout and its exact
+    transpose (as :class:`entskip.BlockLayout` builds them). Checked on the host the first
+    time, then remembered while ``crow`` lives and none of the five tensors changes."""
+    tensors = (crow, col, ccol, row, perm)
+    if _is_validated(tensors, block):
+        return
+    from .layout import BlockLayout  # layout imports reference only; kept local for import order
+
+    shape = ((crow.numel() - 1) * block, (ccol.numel() - 1) * block)
+    layout = BlockLayout(crow.cpu(), col.cpu(), block, shape)
+    for name, mine, given in zip(("ccol_indices", "row_indices", "perm"), layout.tensors()[2:], tensors[2:]):
+        if not torch.equal(mine, given.cpu()):
+            raise ValueError(f"{name} does not describe the transpose of crow_indices/col_indices")
+    _validated[crow] = (block, tuple((weakref.ref(t), t._version) for t in tensors))
