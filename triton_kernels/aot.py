@@ -30,9 +30,11 @@ from triton.backends.compiler import GPUTarget
 
 from . import bsr_skip, dense_skip, tuning
 
-# (dtype, tl.dot input precision): float32 with and without TF32
+# (dtype, tl.dot input precision): float32 with and without TF32. float16 builds the same
+# tiles as bfloat16 (same size, same MMA shapes); `--dtype fp16` compiles it too.
 PRECISIONS = ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32"),
               (torch.float64, "ieee"))
+DEFAULT_DTYPES = ("bf16", "fp32", "tf32", "fp64")
 BLOCKS = (16, 32, 64)
 
 
@@ -120,7 +122,9 @@ def _specs(archs, kernels, dtypes, blocks):
     """``(variant index, dtype, block, config index, arch)`` of every shipped build."""
     for v, (name, autotuner, fits, dtype, _types, _flags, _aligned, variant_blocks) in enumerate(_variants()):
         dtype_name = "tf32" if _flags["PRECISION"] == "tf32" else tuning.triton_dtype(dtype)
-        if (kernels and not any(name.startswith(k) for k in kernels)) or (dtypes and dtype_name not in dtypes):
+        if kernels and not any(name.startswith(k) for k in kernels):
+            continue
+        if dtype_name not in (dtypes or DEFAULT_DTYPES):
             continue
         for block in variant_blocks:
             if blocks and block is not None and block not in blocks:
@@ -166,7 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
     parser.add_argument("--check", action="store_true", help="exit 1 on a compile error, a spill or no wgmma on sm_90")
     parser.add_argument("--kernel", nargs="*", default=[], help="only kernels whose name starts with these")
-    parser.add_argument("--dtype", nargs="*", default=[], help="only these dtypes (bf16 fp16 fp32 tf32 fp64)")
+    parser.add_argument("--dtype", nargs="*", default=[], help=f"these dtypes (bf16 fp16 fp32 tf32 fp64; default: {' '.join(DEFAULT_DTYPES)})")
     parser.add_argument("--block", type=int, nargs="*", default=[], help="only these block sizes")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
     opts = parser.parse_args(argv)

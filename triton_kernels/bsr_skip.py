@@ -29,11 +29,11 @@ from . import tuning
 
 BLOCK_ROW_CONFIGS = [
     triton.Config({"BM": bm}, num_warps=w, num_stages=s)
-    for bm, w, s in [(64, 4, 3), (128, 4, 3), (128, 8, 4), (256, 8, 3), (64, 4, 5), (64, 8, 2)]
+    for bm, w, s in [(64, 4, 3), (128, 4, 3), (128, 8, 4), (256, 8, 3), (64, 8, 2)]
 ]
 SAMPLED_CONFIGS = [
     triton.Config({"BN": bn}, num_warps=w, num_stages=s)
-    for bn, w, s in [(64, 4, 3), (128, 4, 3), (256, 8, 3), (64, 4, 5), (64, 8, 2)]
+    for bn, w, s in [(64, 4, 3), (128, 4, 3), (256, 8, 3), (64, 8, 2)]
 ]
 
 

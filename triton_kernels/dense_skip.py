@@ -27,9 +27,9 @@ def _configs(shapes):
 
 
 # Tensor-core tiles (bfloat16, float16, TF32) and FMA tiles (float32 without TF32, float64).
-TENSOR_CORE_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4),
-                                (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)])
-FMA_CONFIGS = _configs([(64, 64, 16, 4, 3), (32, 64, 32, 4, 3), (64, 32, 32, 4, 3), (64, 64, 32, 8, 3)])
+TENSOR_CORE_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                (64, 64, 64, 4, 3)])
+FMA_CONFIGS = _configs([(32, 64, 32, 4, 3), (64, 64, 32, 8, 3), (64, 64, 32, 8, 4)])
 MATMUL_CONFIGS = TENSOR_CORE_CONFIGS + FMA_CONFIGS
 
 
