@@ -52,6 +52,11 @@ def _reference_grads(fn, x, matrix, alpha, branch, grad):
     return y.detach(), grads
 
 
+@pytest.mark.parametrize("op", ["bsr_skip_add", "bsr_skip_add_backward", "dense_skip_add", "dense_skip_add_backward"])
+def test_public_ops_have_one_cuda_implementation(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"entskip::{op}", "CUDA")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", BSR_SHAPES, ids=str)
 @pytest.mark.parametrize("with_branch", [True, False], ids=["branch", "no_branch"])

@@ -51,7 +51,7 @@ def matmul_fits(config: triton.Config, args) -> bool:
     return config in TENSOR_CORE_CONFIGS and acc_regs <= (64 if args["HAS_DOT"] else 128) and staged <= 160 * 1024
 
 
-@tuning.autotune(MATMUL_CONFIGS, key=["M", "N", "K_KEY"], fits=matmul_fits, reset_to_zero=["part_ptr"])
+@tuning.autotune(MATMUL_CONFIGS, key=["M", "N", "K_KEY"], fits=matmul_fits)
 @triton.jit
 def _matmul_kernel(
     a_ptr,
@@ -60,7 +60,7 @@ def _matmul_kernel(
     branch_ptr,  # (M, N) residual; unused without HAS_BRANCH
     c_ptr,  # (M, N) row-major output
     dot_ptr,  # (M, N) row-major matrix for <acc, dot> partials; unused without HAS_DOT
-    part_ptr,  # (programs,) partials of <acc, dot>, zeroed (a smaller tile writes more)
+    part_ptr,  # (programs,) partials of <acc, dot>
     M,
     N,
     K,
@@ -115,22 +115,24 @@ def _matmul_kernel(
 
 
 def _matmul(a: Tensor, b: Tensor, alpha: Tensor, branch: Tensor | None = None, dot: Tensor | None = None):
-    """``alpha * (a @ b) + branch`` for strided ``a (M, K)``, ``b (K, N)``; with ``dot``
-    also ``<a @ b, dot>`` (accumulation dtype, 0-d)."""
+    """``(alpha * (a @ b) + branch, <a @ b, dot>)`` for strided ``a (M, K)``, ``b (K, N)``;
+    the second is ``None`` without ``dot``, else 0-d in the accumulation dtype."""
     (m, k), n = a.shape, b.shape[1]
     out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     acc = tuning.acc_dtype(a.dtype)
+    zero = None if dot is None else torch.zeros((), dtype=acc, device=a.device)
     if m == 0 or n == 0:
-        return out, torch.zeros((), dtype=acc, device=a.device)
+        return out, zero
     if k == 0:  # an empty product: the GEMM is zero
         out.copy_(branch if branch is not None else torch.zeros_like(out))
-        return out, torch.zeros((), dtype=acc, device=a.device)
-    smallest = min(c.kwargs["BM"] * c.kwargs["BN"] for c in MATMUL_CONFIGS)
-    max_programs = triton.cdiv(m * n, smallest) + triton.cdiv(m, 32) + triton.cdiv(n, 32)  # >= programs of any config
-    partials = torch.zeros(max_programs if dot is not None else 1, dtype=acc, device=a.device)
+        return out, zero
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+
+    # One partial per program of the largest grid; the sum reads those of the config that ran.
+    max_programs = max(grid(c.kwargs)[0] for c in MATMUL_CONFIGS) if dot is not None else 1
+    partials = torch.empty(max_programs, dtype=acc, device=a.device)
 
     _matmul_kernel[grid](
         a,
@@ -153,7 +155,9 @@ def _matmul(a: Tensor, b: Tensor, alpha: Tensor, branch: Tensor | None = None, d
         UPCAST=tuning.upcast(a.dtype),
         PRECISION=tuning.precision(a.dtype),
     )
-    return out, partials.sum()
+    if dot is None:
+        return out, None
+    return out, partials[: grid(_matmul_kernel.best_config.kwargs)[0]].sum()
 
 
 def forward(x: Tensor, weight: Tensor, alpha: Tensor, branch: Tensor | None) -> Tensor:
