@@ -5,8 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch is pinned: an unpinned `pip install torch` pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
-# triton runs the Triton kernels' CPU tests (interpreter) and their AOT compile check.
+# triton runs the Triton kernels' CPU tests (interpreter) and their AOT compile check;
+# the AOT check also runs with the GPU machines' release (TRITON_GPU, beside the venv's).
 TRITON ?= triton==3.9.0
+TRITON_GPU ?= triton==3.6.0
 NATIVE := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
 .PHONY: demo test bench bench-quick nvcc-check triton-aot clean
@@ -38,10 +40,16 @@ bench-quick: $(VENV)/.built
 nvcc-check:
 	bash .ci/nvcc_check.sh
 
-# Ahead-of-time compile of every shipped Triton config for sm_80 and sm_90 (no GPU needed):
-# registers, spills, shared memory, wgmma; fails on a compile error or a spill.
-triton-aot: $(VENV)/.built
+# Ahead-of-time compile of every shipped Triton config for sm_80 and sm_90 (no GPU needed),
+# with both triton releases: registers, spills, shared memory, wgmma; fails on a compile
+# error or a spill.
+$(VENV)/triton-gpu/.installed: $(VENV)/.deps
+	$(PY) -m pip install -q --no-deps --target $(VENV)/triton-gpu "$(TRITON_GPU)"
+	touch $@
+
+triton-aot: $(VENV)/.built $(VENV)/triton-gpu/.installed
 	$(PY) -m entskip.triton_kernels.aot --check
+	PYTHONPATH=$(VENV)/triton-gpu $(PY) -m entskip.triton_kernels.aot --check
 
 clean:
 	rm -rf $(VENV) build python/*.egg-info python/entskip/_C*.so

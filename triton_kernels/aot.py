@@ -177,6 +177,7 @@ def main(argv=None) -> int:
     if tuning.interpreting():
         parser.error("unset TRITON_INTERPRET: the AOT check compiles real GPU code")
     start, bad, count = time.time(), 0, 0
+    print(f"triton {triton.__version__}, targets sm_{' sm_'.join(map(str, opts.arch))}")
     print(f"{'kernel':18} {'dtype':5} {'b':>4} {'arch':>4} {'regs':>4} {'stack':>5} {'smem':>6} {'wgmma':5} config")
     for build in builds(tuple(opts.arch), opts.kernel, opts.dtype, opts.block, opts.jobs):
         count += 1

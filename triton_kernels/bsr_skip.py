@@ -37,30 +37,40 @@ SAMPLED_CONFIGS = [
 ]
 
 
-def _budget(args) -> tuple[int, int]:
-    """``(itemsize, register words per element)``; FMA dots (float32 without TF32,
-    float64) hold their operand tiles in registers, so they get half the budget."""
-    itemsize = args["a_ptr"].dtype.itemsize
-    fma = itemsize == 8 or (itemsize == 4 and args["PRECISION"] == "ieee")
-    return itemsize, (2 if fma else 1)
+# float64 is a correctness path (FMA dots): per block size, the config that compiles
+# without spills on both supported triton releases (3.6 and 3.9; see the AOT check).
+FLOAT64_BLOCK_ROW = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 8, 2)}
+FLOAT64_SAMPLED = (64, 8, 2)
+
+
+def _shape(config: triton.Config, tile: str) -> tuple[int, int, int]:
+    return config.kwargs[tile], config.num_warps, config.num_stages
+
+
+def _words(args) -> int:
+    """Registers an accumulator element takes: float32 FMA dots (no TF32) hold their
+    operand tiles in registers too, so they count double."""
+    return 2 if args["a_ptr"].dtype == torch.float32 and args["PRECISION"] == "ieee" else 1
 
 
 def block_row_fits(config: triton.Config, args) -> bool:
     """Accumulator ``BM x b`` within 32 registers a thread (the indirectly addressed,
     pipelined loads need the rest); staged tiles in 160 KiB. The AOT check shows these
     bounds free of spills."""
-    itemsize, words = _budget(args)
-    acc_regs = config.kwargs["BM"] * args["B"] * words // (32 * config.num_warps)
-    staged = config.num_stages * (config.kwargs["BM"] + args["B"]) * args["B"] * itemsize
+    if args["a_ptr"].dtype == torch.float64:
+        return _shape(config, "BM") == FLOAT64_BLOCK_ROW[args["B"]]
+    acc_regs = config.kwargs["BM"] * args["B"] * _words(args) // (32 * config.num_warps)
+    staged = config.num_stages * (config.kwargs["BM"] + args["B"]) * args["B"] * args["a_ptr"].dtype.itemsize
     return acc_regs <= 32 and staged <= 160 * 1024
 
 
 def sampled_fits(config: triton.Config, args) -> bool:
     """``BN x b`` operand tiles within 32 (tensor cores) or 16 (FMA) elements a thread;
     staged tiles in 160 KiB."""
-    itemsize, words = _budget(args)
-    operand = config.kwargs["BN"] * args["B"] * words // (32 * config.num_warps)
-    staged = config.num_stages * 2 * config.kwargs["BN"] * args["B"] * itemsize
+    if args["a_ptr"].dtype == torch.float64:
+        return _shape(config, "BN") == FLOAT64_SAMPLED
+    operand = config.kwargs["BN"] * args["B"] * _words(args) // (32 * config.num_warps)
+    staged = config.num_stages * 2 * config.kwargs["BN"] * args["B"] * args["a_ptr"].dtype.itemsize
     return operand <= 32 and staged <= 160 * 1024
 
 
