@@ -176,5 +176,5 @@ def plot_panels(axes, results: dict[str, dict], title: str) -> None:
     axes[2].set_aspect("equal")
     axes[2].set_xlabel("Re")
     axes[2].set_ylabel("Im")
-    axes[2].set_title(f"{title}: eigenvalues of the last skip's Jacobian")
-    axes[2].legend(fontsize=7)
+    axes[2].set_title(f"{title}: last skip's Jacobian eigenvalues", fontsize=10)
+    axes[2].legend(fontsize=7, loc="lower left")

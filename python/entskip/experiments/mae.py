@@ -47,7 +47,7 @@ from .common import (
     train,
 )
 
-EPOCHS = 150
+EPOCHS = 100
 SEEDS = 3
 DEPTH = 8
 CLAIM = (
@@ -158,13 +158,6 @@ def _reconstruction(model: nn.Module, batch: tuple[Tensor]) -> Tensor:
     return model(batch[0])
 
 
-def _output_knn(model: MaskedAutoencoder, data: dict[str, Tensor]) -> float:
-    """kNN accuracy of the output features (tracked every epoch)."""
-    _, train_out = model.features(data["x_train"])
-    _, test_out = model.features(data["x_test"])
-    return analysis.knn_accuracy(train_out, data["y_train"], test_out, data["y_test"])
-
-
 def _readouts(model: MaskedAutoencoder, data: dict[str, Tensor]) -> dict:
     """kNN / linear probe of the output and of every layer, and each layer's effective rank."""
     train_layers, train_out = model.features(data["x_train"])
@@ -209,7 +202,6 @@ def run(settings: Settings) -> dict:
                     generator=generator,
                     max_steps=settings.max_steps,
                     bar=pbar,
-                    evaluate=lambda m: {"knn": _output_knn(m, data)},
                 )
                 per_seed[variant].append({**_readouts(model, data), "history": history})
     results = {}
@@ -221,7 +213,7 @@ def run(settings: Settings) -> dict:
                 key: [summary(r[key][layer] for r in runs) for layer in range(DEPTH + 1)]
                 for key in ("layer_knn", "layer_linear_probe", "effective_rank", "effective_rank_centered")
             },
-            "history": {key: [r["history"][key] for r in runs] for key in ("loss", "knn")},
+            "history": {"loss": [r["history"]["loss"] for r in runs]},
         }
     decayed_alphas = [float(m.alpha) for m in build("decayed").encoder.modules() if isinstance(m, entskip.EntangledSkip)]
     return {
