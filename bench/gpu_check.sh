@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should check, in one command (DESIGN section 7, issues #4 and #5):
 # build entskip, compile-check the Triton configs, run the Triton and CUDA test files natively,
-# compute-sanitizer over the CUDA tests, then the benchmark of both GPU backends beside the
-# peers. Logs, JSON and PNGs go to OUTDIR; a step that fails is recorded and the next runs.
+# compute-sanitizer over the CUDA tests, then the benchmark of both GPU backends side by
+# side with the peers, in one run. Logs, JSON and PNGs go to OUTDIR; a step that fails is recorded and the next runs.
 #
 #   bash bench/gpu_check.sh OUTDIR [--quick]
 #
@@ -37,7 +37,5 @@ step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest
 step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY -m pytest tests/test_cuda_backend.py -q -x -k "not 2_31 and not 64bit and not graph and not compile"
 grid=(--dims 1024 4096 --blocks 32 --dtypes bfloat16 float32)
 [ "$quick" = "--quick" ] && grid=(--dims 4096 --blocks 32 --dtypes bfloat16)
-for backend in triton cuda; do
-  step "bench_$backend" $PY -m entskip.bench --device cuda --backend "$backend" "${grid[@]}" --budget 5 --out "$out"
-done
+step bench $PY -m entskip.bench --device cuda --backend triton cuda "${grid[@]}" --budget 5 --out "$out"
 echo "logs in $out"; cat "$out/summary.txt"

@@ -55,3 +55,15 @@ def test_harness_times_every_method_and_writes_its_reports(tmp_path, capsys, fas
         for key in ("median_ms", "floor_ms", "vs_add", "vs_best_peer", "floor_fraction", "bytes"):
             assert _positive(rec[key]), (method, pass_name, key, rec[key])
     assert records[("x+r", "forward")]["vs_add"] == 1.0
+
+
+def test_several_backends_are_timed_side_by_side(tmp_path, capsys):
+    argv = "--device cpu --n 64 --dims 64 --blocks 16 --densities 1/4 --dtypes float32 --repeats 2 --budget 1"
+    path = bench.main([*argv.split(), "--methods", "entskip-bsr", "--backend", "cpu", "reference",
+                       "--no-plot", "--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "entskip bsr [cpu]" in table and "entskip bsr [reference]" in table
+    data = json.loads(path.read_text())
+    assert data["backend"] == {"requested": ["cpu", "reference"], "resolved": ["cpu", "reference"]}
+    timed = {r["method"] for r in data["results"] if r["status"] == "ok"}
+    assert {"entskip-bsr@cpu", "entskip-bsr@reference", "x+r"} <= timed

@@ -13,7 +13,7 @@ import entskip
 from entskip.backends import BACKENDS
 
 from .cases import ALPHA, BLOCKS, DENSITIES, DTYPES, QUICK, SIZES, Workloads, density_label, grid, parse_density
-from .peers import METHOD_IDS, compile_limits, select
+from .peers import METHOD_IDS, compile_limits, on_backends, select
 from .plot import plot
 from .report import environment, table, write_json
 from .roofline import measure
@@ -51,7 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--methods", choices=METHOD_IDS, nargs="+", metavar="METHOD",
         help=f"some of {', '.join(METHOD_IDS)} (default: all; x+r is always timed)",
     )
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help=f"entskip backend: {', '.join(BACKENDS)} (default: auto)")
+    p.add_argument(
+        "--backend", choices=BACKENDS, nargs="+", default=["auto"],
+        help=f"entskip backend(s), timed side by side: {', '.join(BACKENDS)} (default: auto)",
+    )
     p.add_argument("--no-backward", action="store_true", help="time the forward pass only")
     p.add_argument("--repeats", type=int, help="timed calls per measurement (default: 10 on CPU, 50 on CUDA; 3 with --quick)")
     p.add_argument(
@@ -98,19 +101,23 @@ def main(argv=None) -> Path:
     torch.manual_seed(0)
     settings = Settings.for_device(device, args.repeats, args.budget)
     cases = grid(args.n, args.dims, args.blocks, args.densities, args.dtypes, backward=not args.no_backward)
-    methods = select(args.methods or METHOD_IDS)
-    with entskip.use_backend(args.backend), compile_limits():
-        backend = _backend_in_use(device)
+    methods = on_backends(select(args.methods or METHOD_IDS), args.backend)
+    resolved = []
+    for name in args.backend:
+        with entskip.use_backend(name):
+            resolved.append(_backend_in_use(device))
+    backend = ", ".join(f"{name} -> {r}" for name, r in zip(args.backend, resolved))
+    with compile_limits():
         machine = measure(device, args.dtypes, settings)
         records = sweep(cases, methods, Workloads(device), machine, settings)
-    print(table(records, machine, f"{args.backend} -> {backend}"), flush=True)
+    print(table(records, machine, backend), flush=True)
 
     json_path = args.out / f"{stem}.json"
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_json(json_path, {
         **env,
         "options": options,
-        "backend": {"requested": args.backend, "resolved": backend},
+        "backend": {"requested": args.backend, "resolved": resolved},
         "roofline": machine.as_dict(),
         "timing": {**settings.as_dict(), "clock": "CUDA events" if device.type == "cuda" else "time.perf_counter"},
         "methods": {m.id: {"label": m.label, "role": m.role, "sparse": m.sparse, "note": m.note} for m in methods},

@@ -9,10 +9,12 @@ before timing; the closures only compute. A method that cannot run a case raises
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import operator
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +31,13 @@ class Unsupported(Exception):
 
 @dataclass
 class Runner:
-    """What one timed call runs: ``forward()``, then ``y.backward(grad)`` when ``grad`` is set."""
+    """What one timed call runs: ``forward()``, then ``y.backward(grad)`` when ``grad`` is set,
+    both on the entskip ``backend`` when one is named."""
 
     forward: Callable[[], Tensor]
     leaves: tuple[Tensor, ...] = ()
     grad: Tensor | None = None
+    backend: str | None = None
 
     def reset(self) -> None:
         """Drop the leaves' gradients (outside the timed region), so no call accumulates into them."""
@@ -42,9 +46,10 @@ class Runner:
 
     def step(self) -> Tensor:
         """One timed call; returns ``y`` so that freeing it can happen after the clock stops."""
-        y = self.forward()
-        if self.grad is not None:
-            y.backward(self.grad)
+        with entskip.use_backend(self.backend) if self.backend else contextlib.nullcontext():
+            y = self.forward()
+            if self.grad is not None:
+                y.backward(self.grad)
         return y
 
 
@@ -173,6 +178,31 @@ METHODS: tuple[Method, ...] = (
     Method("x+r", "x + r", "floor", False, _add, "the plain residual: the floor of a memory-bound op"),
 )
 METHOD_IDS = tuple(m.id for m in METHODS)
+
+
+def on_backends(methods: Sequence[Method], backends: Sequence[str]) -> tuple[Method, ...]:
+    """``methods`` with each entskip method run on the given entskip backends, side by side:
+    one method per backend (id ``entskip-bsr@triton``, label ``entskip bsr [triton]``), or the
+    plain id and label when there is one backend."""
+    out = []
+    for method in methods:
+        if method.role != "entskip":
+            out.append(method)
+            continue
+        for backend in backends:
+            named = {} if len(backends) == 1 else {"id": f"{method.id}@{backend}", "label": f"{method.label} [{backend}]"}
+            out.append(dataclasses.replace(method, build=_on_backend(method.build, backend), **named))
+    return tuple(out)
+
+
+def _on_backend(build: Callable[[Case, Workloads], Runner], backend: str) -> Callable[[Case, Workloads], Runner]:
+    def on_backend(case: Case, w: Workloads) -> Runner:
+        with entskip.use_backend(backend):
+            runner = build(case, w)
+        runner.backend = backend
+        return runner
+
+    return on_backend
 
 
 def select(ids) -> tuple[Method, ...]:

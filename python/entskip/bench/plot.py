@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cases import density_label
-from .peers import METHODS
 
 _STYLES = ("-", "--", ":", "-.")
 
@@ -26,16 +25,15 @@ def _series(records: list[dict], method: str, block: int) -> tuple[list[float], 
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _panel(ax, records: list[dict], blocks: list[int]) -> None:
-    colors = {m.id: f"C{i}" for i, m in enumerate(METHODS)}
-    for method in METHODS:
-        for i, block in enumerate(blocks if method.sparse else blocks[:1]):
-            xs, ys = _series(records, method.id, block)
+def _panel(ax, records: list[dict], blocks: list[int], methods: dict[str, tuple[str, bool]]) -> None:
+    for color, (method, (name, sparse)) in enumerate(methods.items()):
+        for i, block in enumerate(blocks if sparse else blocks[:1]):
+            xs, ys = _series(records, method, block)
             if not xs:
                 continue
-            label = f"{method.label} b={block}" if method.sparse else method.label
+            label = f"{name} b={block}" if sparse else name
             style = dict(marker="o" if len(xs) == 1 else ".", linestyle=_STYLES[i % len(_STYLES)])
-            ax.plot(xs, ys, color=colors[method.id], label=label, **style)
+            ax.plot(xs, ys, color=f"C{color}", label=label, **style)
     floor = sorted({(r["density"], r["floor_ms"]) for r in records if r["role"] != "floor" and r["block"] == blocks[0]})
     ax.plot([f[0] for f in floor], [f[1] for f in floor], color="black", linestyle=":", label=f"roofline floor b={blocks[0]}")
     densities = sorted({r["density"] for r in records})
@@ -56,12 +54,13 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     rows = list(dict.fromkeys((r["pass"], r["dtype"]) for r in sorted(records, key=lambda r: r["pass"] != "forward")))
     dims = sorted({r["d"] for r in records})
     blocks = list(dict.fromkeys(r["block"] for r in records))
+    methods = {r["method"]: (r["label"], r["sparse"]) for r in records}  # in run order: stable colours
     width = max(8.0, 5.0 * len(dims))
     fig, axes = plt.subplots(len(rows), len(dims), figsize=(width, 3.6 * len(rows) + 1.2), squeeze=False, layout="constrained")
     for (pass_name, dtype), row in zip(rows, axes, strict=True):
         for d, ax in zip(dims, row, strict=True):
             panel = [r for r in records if (r["pass"], r["dtype"], r["d"]) == (pass_name, dtype, d)]
-            _panel(ax, panel, blocks)
+            _panel(ax, panel, blocks, methods)
             ax.set_title(f"{pass_name}, {dtype}, D={d}", fontsize=10)
             ax.set_xlabel("block density of M")
             ax.set_ylabel("median time (ms)")

@@ -88,7 +88,8 @@ def _ratio(value: float | None) -> str:
 def table(records: list[dict], machine: Machine, backend: str) -> str:
     """The results as text: one section per (pass, dtype, N, D), one line per method."""
     lines = []
-    columns = f"{'block':>5} {'density':>7}  {'method':<17}{'median ms':>10}{'vs x+r':>9}{'vs best peer':>14}{'% of floor':>12}"
+    w = max([17] + [len(r["label"]) + 1 for r in records])  # the method column fits every label
+    columns = f"{'block':>5} {'density':>7}  {'method':<{w}}{'median ms':>10}{'vs x+r':>9}{'vs best peer':>14}{'% of floor':>12}"
 
     dtypes = list(dict.fromkeys(r["dtype"] for r in records))  # in the order they were run
 
@@ -110,10 +111,10 @@ def table(records: list[dict], machine: Machine, backend: str) -> str:
             lead = f"{block:>5} {density_label(density):>7}"
             for rec in case_recs:
                 if rec["status"] != "ok":
-                    lines.append(f"{lead}  {rec['label']:<17}{'n/a':>10}  ({rec['reason']})")
+                    lines.append(f"{lead}  {rec['label']:<{w}}{'n/a':>10}  ({rec['reason']})")
                 else:
                     lines.append(
-                        f"{lead}  {rec['label']:<17}{rec['median_ms']:>10.3f}{_ratio(rec['vs_add']):>9}"
+                        f"{lead}  {rec['label']:<{w}}{rec['median_ms']:>10.3f}{_ratio(rec['vs_add']):>9}"
                         f"{_ratio(rec['vs_best_peer']):>14}{100 * rec['floor_fraction']:>11.1f}%"
                     )
                 lead = " " * len(lead)

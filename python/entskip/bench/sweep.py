@@ -47,6 +47,7 @@ def _record(case: Case, method: Method, density: float, timing: dict, shared: bo
         "method": method.id,
         "label": method.label,
         "role": method.role,
+        "sparse": method.sparse,
         "pass": case.pass_name,
         "dtype": case.dtype,
         "n": case.n,
