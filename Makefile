@@ -47,9 +47,10 @@ $(VENV)/triton-gpu/.installed: $(VENV)/.deps
 	$(PY) -m pip install -q --no-deps --target $(VENV)/triton-gpu "$(TRITON_GPU)"
 	touch $@
 
+# Each release compiles into its own cache under .venv: a fresh clone compiles every config.
 triton-aot: $(VENV)/.built $(VENV)/triton-gpu/.installed
-	$(PY) -m entskip.triton_kernels.aot --check
-	PYTHONPATH=$(VENV)/triton-gpu $(PY) -m entskip.triton_kernels.aot --check
+	TRITON_CACHE_DIR=$(CURDIR)/$(VENV)/triton-cache $(PY) -m entskip.triton_kernels.aot --check
+	TRITON_CACHE_DIR=$(CURDIR)/$(VENV)/triton-gpu-cache PYTHONPATH=$(VENV)/triton-gpu $(PY) -m entskip.triton_kernels.aot --check
 
 clean:
 	rm -rf $(VENV) build python/*.egg-info python/entskip/_C*.so
