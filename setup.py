@@ -23,6 +23,31 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
+def _cublaslt():
+    """``(include_dirs, library_dirs, extra_link_args)`` for cuBLASLt (the dense CUDA path).
+
+    From the CUDA toolkit when it ships cuBLAS, else from the ``nvidia-cublas`` wheel that
+    CUDA builds of torch install (``nvidia/cu13`` or ``nvidia/cublas``), which has only the
+    versioned ``libcublasLt.so.N``: linked by file name, with an rpath to its folder.
+    """
+    home = cpp_extension.CUDA_HOME
+    if os.path.exists(os.path.join(home, "include", "cublasLt.h")):
+        return [], [], ["-lcublasLt"]
+    try:
+        import nvidia
+
+        roots = [os.path.join(p, sub) for p in nvidia.__path__ for sub in ("cu13", "cublas")]
+    except ImportError:
+        roots = []
+    for root in roots:
+        libs = sorted(glob.glob(os.path.join(root, "lib", "libcublasLt.so*")))
+        if os.path.exists(os.path.join(root, "include", "cublasLt.h")) and libs:
+            lib_dir = os.path.join(root, "lib")
+            return [os.path.join(root, "include")], [lib_dir], [f"-l:{os.path.basename(libs[0])}", f"-Wl,-rpath,{lib_dir}"]
+    raise RuntimeError("entskip's CUDA build needs cuBLASLt (cublasLt.h and libcublasLt): none in CUDA_HOME "
+                       f"({home}) or the nvidia-cublas wheel; set ENTSKIP_NO_CUDA=1 for a CPU-only build")
+
+
 def _extension():
     sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
     arch = os.environ.get("ENTSKIP_CPU_ARCH", "native")
@@ -35,12 +60,17 @@ def _extension():
         and bool(cuda_sources)
     )
     if use_cuda:
+        # sm_80 and sm_90 (no sm_90a build: the kernels use mma.sync/ldmatrix/cp.async, no wgmma/TMA).
         nvcc = ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        include_dirs, library_dirs, link_args = _cublaslt()
         return cpp_extension.CUDAExtension(
             "entskip._C",
             sources + cuda_sources,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             define_macros=[("ENTSKIP_WITH_CUDA", "1")],
+            include_dirs=include_dirs,
+            library_dirs=library_dirs,
+            extra_link_args=link_args,
         )
     return cpp_extension.CppExtension("entskip._C", sources, extra_compile_args={"cxx": cxx})
 
