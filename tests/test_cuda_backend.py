@@ -182,6 +182,21 @@ def test_public_api_learnable_alpha(poisoned, kind, dtype):
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_public_api_backward_of_a_sum(kind):
+    """``y.sum().backward()`` hands the op an expanded (stride-0) gradient."""
+    mapping = _mapping(kind, torch.float32)
+    gen = torch.Generator().manual_seed(21)
+    x = _rand(gen, 37, 256, dtype=torch.float32).requires_grad_(True)
+    alpha = torch.tensor(0.7, device=DEVICE, requires_grad=True)
+    with entskip.use_backend("cuda"):
+        entskip.skip_add(x, mapping, None, alpha).sum().backward()
+    matrix = mapping.matrix().detach()
+    assert_close(x.grad, (0.7 * matrix.sum(0)).expand(37, 256).cpu().double(), torch.float32, "dx")
+    assert_close(alpha.grad, (x.detach() @ matrix.T).sum().cpu().double(), torch.float32, "dalpha",
+                 scale=float((x.detach().abs() @ matrix.abs().T).sum()))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
 def test_opcheck(kind):
     mapping = _mapping(kind, torch.float32)
     gen = torch.Generator().manual_seed(7)

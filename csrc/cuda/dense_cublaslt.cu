@@ -11,11 +11,14 @@
 //            dalpha = <S, W> come from the shared finalize kernels (bsr_sampled.cu).
 // alpha and beta live on the device (CUBLASLT_POINTER_MODE_DEVICE, written by
 // gemm_scalars_kernel from the 0-d alpha tensor), so nothing synchronises and the calls can
-// be captured in a CUDA graph. Row-major operands are passed as their column-major
-// transposes: y^T = W^T-view ... (see each call). Tensor cores: bf16/fp16 (fp32
-// accumulation), float32 only with TF32 allowed (torch.backends.cuda.matmul.allow_tf32),
-// float64 in float64. Algorithms are chosen by cuBLASLt's heuristic once per shape/type/
-// alignment and cached, so repeated calls use the same algorithm (bit-identical results).
+// be captured in a CUDA graph. With beta = 0 (dx, forward without a branch) C is the
+// uninitialised output: cuBLASLt follows BLAS and does not read C when *beta == 0
+// (unverified on a GPU; the poisoned-output tests check it). cuBLASLt is column-major: a
+// row-major (r x c) matrix is passed as its column-major (c x r) transpose (see each call).
+// Tensor cores: bf16/fp16 (fp32 accumulation), float32 only with TF32 allowed
+// (torch.backends.cuda.matmul.allow_tf32), float64 in float64. Algorithms are chosen by
+// cuBLASLt's heuristic once per shape/type/alignment and cached, so repeated calls use the
+// same algorithm (bit-identical results).
 #include <cublasLt.h>
 
 #include <map>
