@@ -109,7 +109,7 @@ template <> __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], con
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Calls fn(T{}) with the element type of dtype (a null pointer of it, to deduce T).
+// Calls fn(static_cast<T*>(nullptr)) with T the element type of dtype (the pointer deduces T).
 template <typename Fn> void dispatch_scalar(Scalar dtype, Fn&& fn) {
   switch (dtype) {
     case Scalar::kFloat: fn(static_cast<float*>(nullptr)); break;
@@ -119,7 +119,7 @@ template <typename Fn> void dispatch_scalar(Scalar dtype, Fn&& fn) {
   }
 }
 
-// Calls fn(std::integral_constant-like tag) for the block sizes with tiled kernels; false otherwise.
+// Calls fn(BlockTag<B>{}) for the block sizes with tiled kernels (16, 32, 64); false for any other.
 template <int B> struct BlockTag { static constexpr int value = B; };
 template <typename Fn> bool dispatch_block(int64_t b, Fn&& fn) {
   switch (b) {
