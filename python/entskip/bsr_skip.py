@@ -113,7 +113,7 @@ if backends.native_available():
         dx = dvalues = dalpha = None
         if need_x or need_values or need_alpha:
             dx, dvalues, dalpha = torch.ops.entskip.bsr_skip_add_backward(
-                grad, x, values, *layout, alpha, [need_x, need_values, need_alpha]
+                grad.contiguous(), x, values, *layout, alpha, [need_x, need_values, need_alpha]
             )
         return dx, dvalues, None, None, None, None, None, dalpha, grad if need_branch else None
 

@@ -81,7 +81,7 @@ if backends.native_available():
         dx = dw = dalpha = None
         if need_x or need_w or need_alpha:
             dx, dw, dalpha = torch.ops.entskip.dense_skip_add_backward(
-                grad, x, weight, alpha, [need_x, need_w, need_alpha]
+                grad.contiguous(), x, weight, alpha, [need_x, need_w, need_alpha]
             )
         return dx, dw, dalpha, grad if need_branch else None
 
