@@ -5,7 +5,9 @@ The CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) are always built. The CUDA source
 unless ENTSKIP_NO_CUDA=1. The CPU kernels are compiled for the building machine's
 instruction set (-march=native: a source build runs where it is built);
 ENTSKIP_CPU_ARCH=x86-64-v3 (or any -march value) targets another, ENTSKIP_CPU_ARCH=
-(empty) the compiler's default. Install with
+(empty) the compiler's default. They are compiled with OpenMP when torch's ATen uses it
+(at::parallel_for is a header template: without -fopenmp it runs on one thread).
+Install with
 
     pip install --no-build-isolation -e .
 """
@@ -13,6 +15,7 @@ ENTSKIP_CPU_ARCH=x86-64-v3 (or any -march value) targets another, ENTSKIP_CPU_AR
 import glob
 import os
 
+import torch
 from setuptools import setup
 from torch.utils import cpp_extension
 
@@ -52,10 +55,13 @@ def _extension():
     sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
     arch = os.environ.get("ENTSKIP_CPU_ARCH", "native")
     cxx = ["-O3"] + ([f"-march={arch}"] if arch else [])
+    # torch's libgomp is already loaded when entskip._C is, so -fopenmp shares its thread pool.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and os.name == "posix" else []
+    cxx += openmp
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     use_cuda = (
         cpp_extension.CUDA_HOME is not None
-        and __import__("torch").version.cuda is not None
+        and torch.version.cuda is not None
         and os.environ.get("ENTSKIP_NO_CUDA", "0") != "1"
         and bool(cuda_sources)
     )
@@ -70,9 +76,9 @@ def _extension():
             define_macros=[("ENTSKIP_WITH_CUDA", "1")],
             include_dirs=include_dirs,
             library_dirs=library_dirs,
-            extra_link_args=link_args,
+            extra_link_args=link_args + openmp,
         )
-    return cpp_extension.CppExtension("entskip._C", sources, extra_compile_args={"cxx": cxx})
+    return cpp_extension.CppExtension("entskip._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
 
 
 setup(

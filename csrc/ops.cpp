@@ -22,9 +22,21 @@
 
 extern "C" {
 // Importing entskip._C loads this library, which runs the registrations below.
+// entskip._C.openmp is 1 when the CPU kernels were compiled with OpenMP, the backend of
+// at::parallel_for in torch's builds: without it they run on one thread.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef _OPENMP
+  constexpr long openmp = 1;
+#else
+  constexpr long openmp = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "openmp", openmp) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

@@ -242,6 +242,15 @@ def test_deterministic_mode_gives_bit_identical_runs(kind, dtype, backend, det_m
         assert torch.equal(u, v), f"{backend} {kind} {dtype}: {name} differs between two runs"
 
 
+@pytest.mark.skipif(not entskip.backends.native_available(), reason="entskip._C did not load")
+def test_cpu_kernels_are_built_with_openmp():
+    """at::parallel_for is a header template: an extension compiled without -fopenmp runs every
+    CPU kernel on one thread, silently, whatever torch.get_num_threads() says."""
+    import entskip._C
+
+    assert entskip._C.openmp == int(torch.backends.openmp.is_available())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["bsr", "bsr_rect"])
 def test_bsr_kernel_is_independent_of_the_thread_count(kind, dtype, det_mappings, cpu_backend):

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -69,7 +70,7 @@ void check_transpose(const at::Tensor& crow, const at::Tensor& col, const at::Te
   }
 }
 
-// Bytes of input rows a work item aims to keep in L2 while it applies their blocks.
+// Bytes of packed input rows a work item aims to keep in L2.
 constexpr int64_t kTileBytes = 256 * 1024;
 
 // Block sizes with register-blocked micro-kernels (multiples of the SIMD width).
@@ -80,15 +81,36 @@ struct Blocking {
   static_assert(B % W == 0, "block size must be a multiple of the SIMD width");
   // Output rows per micro-tile: MR x NV accumulators stay in registers (<= 24 of 32).
   static constexpr int MR = std::max(1, std::min(12, 24 / NV));
+  // Rows of a work item come in units that are whole W x W transposes and whole micro-tiles.
+  static constexpr int64_t kUnit = std::lcm(W, MR);
   // Rows of S per strip in the sampled product: MS x NV accumulators (<= 16).
   static constexpr int MS = std::max(1, std::min(B, 16 / NV));
 };
 
-// out[m, :B] = alpha * sum_{t in [t0, t1)} a[m, idx[t]*B : +B] @ Bv[t] (+ branch[m, :B]) for m < MR.
-// All MR x B accumulators live in registers across every block of the row.
+// P[col][n] = a[n][col] (widened to acc_t) for n < rows, 0 for rows <= n < round_up(rows, W):
+// the transpose of a tile of `rows` rows of a (N, lda) matrix, with leading dimension ldp.
+// lda is a multiple of W; W x W sub-blocks are transposed in registers.
+template <typename scalar_t, typename acc_t>
+void pack_transposed(const scalar_t* a, int64_t lda, int64_t rows, acc_t* P, int64_t ldp) {
+  using V = simd::Vec<acc_t>;
+  constexpr int W = simd::Simd<acc_t>::W;
+  for (int64_t n0 = 0; n0 < rows; n0 += W) {
+    for (int64_t c0 = 0; c0 < lda; c0 += W) {
+      V v[W];
+      for (int i = 0; i < W; ++i) v[i] = n0 + i < rows ? simd::load<acc_t>(a + (n0 + i) * lda + c0) : V{};
+      simd::transpose<acc_t>(v);
+      for (int i = 0; i < W; ++i) simd::store<acc_t>(P + (c0 + i) * ldp + n0, v[i]);
+    }
+  }
+}
+
+// out[m, :B] = alpha * sum_{t in [t0, t1)} A[m, idx[t]*B : +B] @ Bv[t] (+ branch[m, :B]) for m < rows <= MR,
+// where A[m, col] = P[col * ldp + m] (the packed transpose of the input rows): the MR values
+// broadcast at each step are adjacent. All MR x B accumulators stay in registers across
+// every block of the row; rows MR - rows .. MR - 1 are computed (on zero padding) but not stored.
 template <typename scalar_t, typename acc_t, int B, int MR>
-inline void block_row_micro(const acc_t* a, int64_t lda, const acc_t* Bv, const int64_t* idx, int64_t t0,
-                            int64_t t1, acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out) {
+inline void block_row_micro(const acc_t* P, int64_t ldp, const acc_t* Bv, const int64_t* idx, int64_t t0,
+                            int64_t t1, acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out, int64_t rows) {
   using V = simd::Vec<acc_t>;
   constexpr int W = Blocking<acc_t, B>::W, NV = Blocking<acc_t, B>::NV;
   V acc[MR][NV];
@@ -96,18 +118,19 @@ inline void block_row_micro(const acc_t* a, int64_t lda, const acc_t* Bv, const 
     for (int v = 0; v < NV; ++v) acc[m][v] = V{};
   for (int64_t t = t0; t < t1; ++t) {
     const acc_t* Bt = Bv + t * B * B;
-    const acc_t* at = a + idx[t] * B;
+    const acc_t* At = P + idx[t] * B * ldp;
     for (int c = 0; c < B; ++c) {
       V bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = simd::load<acc_t>(Bt + c * B + v * W);
       for (int m = 0; m < MR; ++m) {
-        const V av = simd::broadcast(at[m * lda + c]);
+        const V av = simd::broadcast(At[c * ldp + m]);
         for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
       }
     }
   }
   const V va = simd::broadcast(alpha);
   for (int m = 0; m < MR; ++m) {
+    if (m >= rows) break;
     for (int v = 0; v < NV; ++v) {
       V y = va * acc[m][v];
       if (branch != nullptr) y += simd::load<acc_t>(branch + m * ldo + v * W);
@@ -116,53 +139,39 @@ inline void block_row_micro(const acc_t* a, int64_t lda, const acc_t* Bv, const 
   }
 }
 
-// Rows per work item: a multiple of MR whose input rows fit the L2 budget.
-inline int64_t row_tile(int64_t row_bytes, int64_t mr) {
-  const int64_t rows = std::max<int64_t>(1, kTileBytes / std::max<int64_t>(row_bytes, 1));
-  return std::max<int64_t>(mr, rows / mr * mr);
-}
-
 // out[n, i*b : (i+1)*b] = alpha * sum_{t = ptr[i]}^{ptr[i+1]-1} a[n, idx[t]*b : +b] @ B[t] (+ branch[n, ...])
 // a: (N, lda) row-major; B: (nnz, b, b) row-major in the accumulation type, B[t][c][j]
 // maps input feature c of the block to output feature j; out, branch: (N, nrows * b).
 //
-// A thread owns a tile of rows at a time: it streams the tile's input rows (widened to
-// the accumulation type) and branch rows into per-thread buffers, applies every output
-// block row from there, and streams the finished output rows back. Memory sees only
-// sequential row reads and writes, while the block products run out of L2.
+// A thread owns a tile of rows at a time: it packs the tile's input rows, transposed and
+// widened to the accumulation type, into a per-thread buffer that stays in L2, then
+// applies every output block row from there, reading the branch and writing each output
+// element once. Memory sees each input, branch and output row once.
 template <typename scalar_t, typename acc_t, int B>
 void block_row_product_fixed(const scalar_t* a, int64_t lda, const acc_t* Bv, const int64_t* ptr,
                              const int64_t* idx, int64_t nrows, int64_t N, acc_t alpha, const scalar_t* branch,
                              scalar_t* out) {
-  constexpr int MR = Blocking<acc_t, B>::MR, W = Blocking<acc_t, B>::W;
+  constexpr int MR = Blocking<acc_t, B>::MR;
+  constexpr int64_t unit = Blocking<acc_t, B>::kUnit;
   const int64_t ldo = nrows * B;
-  const int64_t row_bytes = lda * static_cast<int64_t>(sizeof(acc_t)) + ldo * static_cast<int64_t>(sizeof(scalar_t));
   // Tiles fit the L2 budget and are small enough to give every thread several.
-  const int64_t parallel_rows = (N + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
-  const int64_t tile = std::max<int64_t>(MR, std::min(row_tile(row_bytes, MR), (parallel_rows + MR - 1) / MR * MR));
+  const int64_t fit_units = kTileBytes / (unit * lda * static_cast<int64_t>(sizeof(acc_t)));
+  const int64_t parallel_units = (N + 4 * unit * at::get_num_threads() - 1) / (4 * unit * at::get_num_threads());
+  const int64_t tile = unit * std::max<int64_t>(1, std::min(fit_units, parallel_units));
   const int64_t ntiles = (N + tile - 1) / tile;
   at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> in(tile * lda);
-    std::vector<scalar_t> res(tile * ldo);
+    std::vector<acc_t> packed(tile * lda);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n0 = w * tile, rows = std::min(N, n0 + tile) - n0;
-      for (int64_t e = 0; e < rows * lda; e += W) simd::store<acc_t>(in.data() + e, simd::load<acc_t>(a + n0 * lda + e));
-      if (branch != nullptr) std::memcpy(res.data(), branch + n0 * ldo, rows * ldo * sizeof(scalar_t));
-      const scalar_t* rb = branch != nullptr ? res.data() : nullptr;
+      pack_transposed<scalar_t, acc_t>(a + n0 * lda, lda, rows, packed.data(), tile);
       for (int64_t i = 0; i < nrows; ++i) {
-        int64_t n = 0;
-        for (; n + MR <= rows; n += MR) {
-          block_row_micro<scalar_t, acc_t, B, MR>(in.data() + n * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
-                                                  rb ? rb + n * ldo + i * B : nullptr, ldo,
-                                                  res.data() + n * ldo + i * B);
-        }
-        for (; n < rows; ++n) {
-          block_row_micro<scalar_t, acc_t, B, 1>(in.data() + n * lda, lda, Bv, idx, ptr[i], ptr[i + 1], alpha,
-                                                 rb ? rb + n * ldo + i * B : nullptr, ldo,
-                                                 res.data() + n * ldo + i * B);
+        for (int64_t m = 0; m < rows; m += MR) {
+          const int64_t first = (n0 + m) * ldo + i * B;
+          block_row_micro<scalar_t, acc_t, B, MR>(packed.data() + m, tile, Bv, idx, ptr[i], ptr[i + 1], alpha,
+                                                  branch != nullptr ? branch + first : nullptr, ldo, out + first,
+                                                  rows - m);
         }
       }
-      std::memcpy(out + n0 * ldo, res.data(), rows * ldo * sizeof(scalar_t));
     }
   });
 }
@@ -172,7 +181,7 @@ template <typename scalar_t, typename acc_t>
 void block_row_product_any(const scalar_t* a, int64_t lda, const acc_t* B, const int64_t* ptr, const int64_t* idx,
                            int64_t nrows, int64_t b, int64_t N, acc_t alpha, const scalar_t* branch, scalar_t* out) {
   const int64_t ldo = nrows * b;
-  const int64_t tile = row_tile(lda * static_cast<int64_t>(sizeof(scalar_t)), 1);
+  const int64_t tile = std::max<int64_t>(1, kTileBytes / (lda * static_cast<int64_t>(sizeof(scalar_t))));
   const int64_t ntiles = (N + tile - 1) / tile;
   at::parallel_for(0, ntiles * nrows, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(b);

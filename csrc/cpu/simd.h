@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace entskip::cpu::simd {
 
@@ -63,6 +64,55 @@ inline void store(scalar_t* p, const Vec<acc_t>& v) {
   } else {
     for (int l = 0; l < Simd<acc_t>::W; ++l) p[l] = static_cast<scalar_t>(v[l]);
   }
+}
+
+// Transpose of the W x W matrix whose rows are v[0], ..., v[W-1] (W = lanes), in
+// registers: log2(W) stages, each swapping the off-diagonal H x H blocks of every
+// 2H x 2H block with two-source lane shuffles (vpermt2ps/pd on AVX-512).
+namespace detail {
+
+// Lane l of the new row i (bit H of i clear) and of the new row i + H, as indices
+// into the concatenation of old rows i (lanes 0..W-1) and i + H (lanes W..2W-1).
+template <int H, int W>
+constexpr int low_lane(int l) { return (l & H) == 0 ? l : l - H + W; }
+template <int H, int W>
+constexpr int high_lane(int l) { return (l & H) == 0 ? l + H : l + W; }
+
+template <typename V, int... I>
+inline V shuffle(const V& a, const V& b) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, I...);
+#else
+  typedef std::conditional_t<sizeof(a[0]) == 8, int64_t, int32_t> Lane;
+  typedef Lane Mask __attribute__((vector_size(sizeof(V))));
+  return __builtin_shuffle(a, b, Mask{I...});
+#endif
+}
+
+template <int H, typename V, size_t... L>
+inline void transpose_stage(V* v, std::index_sequence<L...>) {
+  constexpr int W = sizeof...(L);
+  for (int i = 0; i < W; ++i) {
+    if (i & H) continue;
+    const V a = v[i], b = v[i + H];
+    v[i] = shuffle<V, low_lane<H, W>(L)...>(a, b);
+    v[i + H] = shuffle<V, high_lane<H, W>(L)...>(a, b);
+  }
+}
+
+// The stages commute (each swaps one bit of the row index with the same bit of the lane).
+template <int H, int W, typename V>
+inline void transpose_stages(V* v) {
+  transpose_stage<H>(v, std::make_index_sequence<W>{});
+  if constexpr (H > 1) transpose_stages<H / 2, W>(v);
+}
+
+}  // namespace detail
+
+template <typename acc_t>
+inline void transpose(Vec<acc_t>* v) {
+  constexpr int W = Simd<acc_t>::W;
+  detail::transpose_stages<W / 2, W>(v);
 }
 
 }  // namespace entskip::cpu::simd
