@@ -113,6 +113,15 @@ inline void block_row_micro(const acc_t* P, int64_t ldp, const acc_t* Bv, const 
                             int64_t t1, acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out, int64_t rows) {
   using V = simd::Vec<acc_t>;
   constexpr int W = Blocking<acc_t, B>::W, NV = Blocking<acc_t, B>::NV;
+  // The branch and output rows are touched only by the epilogue: request them now so
+  // that their cache misses overlap the products instead of stalling the stores.
+  constexpr int kLine = 64;
+  for (int m = 0; m < MR && m < rows; ++m) {
+    for (int e = 0; e < B * static_cast<int>(sizeof(scalar_t)); e += kLine) {
+      if (branch != nullptr) __builtin_prefetch(reinterpret_cast<const char*>(branch + m * ldo) + e, 0);
+      __builtin_prefetch(reinterpret_cast<const char*>(out + m * ldo) + e, 1);
+    }
+  }
   V acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = V{};
@@ -228,20 +237,20 @@ void block_row_product(const scalar_t* a, int64_t lda, const acc_t* B, const int
   if (!done) block_row_product_any<scalar_t, acc_t>(a, lda, B, ptr, idx, nrows, b, N, alpha, branch, out);
 }
 
-// S[m, :B] += sum_{n in [n0, n1)} g[n, m] * x[n, :B] for m < MS (accumulators in registers).
-template <typename scalar_t, typename acc_t, int B, int MS>
-inline void sampled_micro(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, int64_t n0, int64_t n1,
-                          acc_t* S) {
+// S[m, :B] += sum_{n < rows} g[n, m] * x[n, :B] for m < MS (accumulators in registers);
+// g and x are contiguous (rows, B) panels.
+template <typename acc_t, int B, int MS>
+inline void sampled_micro(const acc_t* g, const acc_t* x, int64_t rows, acc_t* S) {
   using V = simd::Vec<acc_t>;
   constexpr int W = Blocking<acc_t, B>::W, NV = Blocking<acc_t, B>::NV;
   V acc[MS][NV];
   for (int m = 0; m < MS; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = simd::load<acc_t>(S + m * B + v * W);
-  for (int64_t n = n0; n < n1; ++n) {
+  for (int64_t n = 0; n < rows; ++n) {
     V xv[NV];
-    for (int v = 0; v < NV; ++v) xv[v] = simd::load<acc_t>(x + n * ldx + v * W);
+    for (int v = 0; v < NV; ++v) xv[v] = simd::load<acc_t>(x + n * B + v * W);
     for (int m = 0; m < MS; ++m) {
-      const V gv = simd::broadcast(static_cast<acc_t>(g[n * ldg + m]));
+      const V gv = simd::broadcast(g[n * B + m]);
       for (int v = 0; v < NV; ++v) acc[m][v] += gv * xv[v];
     }
   }
@@ -249,10 +258,73 @@ inline void sampled_micro(const scalar_t* g, int64_t ldg, const scalar_t* x, int
     for (int v = 0; v < NV; ++v) simd::store<acc_t>(S + m * B + v * W, acc[m][v]);
 }
 
-// Rows of N per chunk of the sampled product: the chunk's rows of g and x stay in L2
-// while the blocks of a thread pass over them, so each is read from memory once per
-// thread rather than once per block.
+// panel[n, :B] = a[n, :B] (widened) for n < rows: a chunk of one block column of a (N, lda) matrix.
+template <typename scalar_t, typename acc_t, int B>
+inline void pack_panel(const scalar_t* a, int64_t lda, int64_t rows, acc_t* panel) {
+  constexpr int W = Blocking<acc_t, B>::W;
+  for (int64_t n = 0; n < rows; ++n)
+    for (int v = 0; v < B; v += W) simd::store<acc_t>(panel + n * B + v, simd::load<acc_t>(a + n * lda + v));
+}
+
+// Requests the cache lines of rows [0, rows) x [0, B) of a (N, lda) matrix.
+template <typename scalar_t, int B>
+inline void prefetch_panel(const scalar_t* a, int64_t lda, int64_t rows) {
+  constexpr int kLine = 64, kBytes = B * static_cast<int>(sizeof(scalar_t));
+  for (int64_t n = 0; n < rows; ++n)
+    for (int e = 0; e < kBytes; e += kLine) __builtin_prefetch(reinterpret_cast<const char*>(a + n * lda) + e, 0);
+}
+
+// Rows of N per chunk of the sampled product: a block's two panels of a chunk (2 x 64 x B
+// values, contiguous) stay in L1 while the MS-row strips of S pass over them.
 constexpr int64_t kSampledChunk = 64;
+
+// S[k] = g[:, row(k)*B : +B]^T @ x[:, col[k]*B : +B] for the blocks k in [begin, end), whose
+// block rows are row_of[k]: over N in chunks, each block copies its chunk of g and x into
+// contiguous panels (g's only when the block row changes), then runs the micro-kernel strips.
+template <typename scalar_t, typename acc_t, int B>
+void sampled_blocks_fixed(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, const int64_t* row_of,
+                          const int64_t* col, int64_t begin, int64_t end, int64_t N, acc_t* S) {
+  constexpr int MS = Blocking<acc_t, B>::MS;
+  std::vector<acc_t> gp(kSampledChunk * B), xp(kSampledChunk * B);
+  for (int64_t n0 = 0; n0 < N; n0 += kSampledChunk) {
+    const int64_t rows = std::min(N - n0, kSampledChunk);
+    for (int64_t k = begin; k < end; ++k) {
+      if (k == begin || row_of[k] != row_of[k - 1]) pack_panel<scalar_t, acc_t, B>(g + n0 * ldg + row_of[k] * B, ldg, rows, gp.data());
+      pack_panel<scalar_t, acc_t, B>(x + n0 * ldx + col[k] * B, ldx, rows, xp.data());
+      // The next block's panels come from rows a page apart, which the hardware prefetchers
+      // do not follow: request them while this block computes.
+      if (k + 1 < end) {
+        prefetch_panel<scalar_t, B>(x + n0 * ldx + col[k + 1] * B, ldx, rows);
+        if (row_of[k + 1] != row_of[k]) prefetch_panel<scalar_t, B>(g + n0 * ldg + row_of[k + 1] * B, ldg, rows);
+      }
+      acc_t* Sk = S + k * B * B;
+      for (int r0 = 0; r0 < B; r0 += MS) sampled_micro<acc_t, B, MS>(gp.data() + r0, xp.data(), rows, Sk + r0 * B);
+    }
+  }
+}
+
+// The same for any block size, without register blocking.
+template <typename scalar_t, typename acc_t>
+void sampled_blocks_any(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, const int64_t* row_of,
+                        const int64_t* col, int64_t begin, int64_t end, int64_t b, int64_t N, acc_t* S) {
+  std::vector<acc_t> xn(b);
+  for (int64_t n0 = 0; n0 < N; n0 += kSampledChunk) {
+    const int64_t n1 = std::min(N, n0 + kSampledChunk);
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t* Sk = S + k * b * b;
+      const scalar_t* gk = g + row_of[k] * b;
+      const scalar_t* xk = x + col[k] * b;
+      for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t c = 0; c < b; ++c) xn[c] = static_cast<acc_t>(xk[n * ldx + c]);
+        for (int64_t r = 0; r < b; ++r) {
+          const acc_t gv = static_cast<acc_t>(gk[n * ldg + r]);
+          acc_t* Sr = Sk + r * b;
+          for (int64_t c = 0; c < b; ++c) Sr[c] += gv * xn[c];
+        }
+      }
+    }
+  }
+}
 
 // S[k] = g[:, row(k)*b : +b]^T @ x[:, col[k]*b : +b] for every block k of the forward layout.
 // Threads own disjoint ranges of blocks and walk N in chunks; every S[k] sums its rows
@@ -264,28 +336,11 @@ void sampled_gradient(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t
   for (int64_t i = 0; i < nrows; ++i) std::fill(row_of.begin() + crow[i], row_of.begin() + crow[i + 1], i);
   at::parallel_for(0, nnzb, 1, [&](int64_t begin, int64_t end) {
     std::fill(S + begin * b * b, S + end * b * b, acc_t(0));
-    std::vector<acc_t> xn(b);
-    for (int64_t n0 = 0; n0 < N; n0 += kSampledChunk) {
-      const int64_t n1 = std::min(N, n0 + kSampledChunk);
-      for (int64_t k = begin; k < end; ++k) {
-        acc_t* Sk = S + k * b * b;
-        const scalar_t* gk = g + row_of[k] * b;
-        const scalar_t* xk = x + col[k] * b;
-        const bool done = with_fixed_block(b, [&](auto block) {
-          constexpr int B = decltype(block)::value, MS = Blocking<acc_t, B>::MS;
-          for (int r0 = 0; r0 < B; r0 += MS) sampled_micro<scalar_t, acc_t, B, MS>(gk + r0, ldg, xk, ldx, n0, n1, Sk + r0 * B);
-        });
-        if (done) continue;
-        for (int64_t n = n0; n < n1; ++n) {
-          for (int64_t c = 0; c < b; ++c) xn[c] = static_cast<acc_t>(xk[n * ldx + c]);
-          for (int64_t r = 0; r < b; ++r) {
-            const acc_t gv = static_cast<acc_t>(gk[n * ldg + r]);
-            acc_t* Sr = Sk + r * b;
-            for (int64_t c = 0; c < b; ++c) Sr[c] += gv * xn[c];
-          }
-        }
-      }
-    }
+    const bool done = with_fixed_block(b, [&](auto block) {
+      sampled_blocks_fixed<scalar_t, acc_t, decltype(block)::value>(g, ldg, x, ldx, row_of.data(), col, begin, end,
+                                                                     N, S);
+    });
+    if (!done) sampled_blocks_any<scalar_t, acc_t>(g, ldg, x, ldx, row_of.data(), col, begin, end, b, N, S);
   });
 }
 
