@@ -258,52 +258,55 @@ inline void sampled_micro(const acc_t* g, const acc_t* x, int64_t rows, acc_t* S
     for (int v = 0; v < NV; ++v) simd::store<acc_t>(S + m * B + v * W, acc[m][v]);
 }
 
-// panel[n, :B] = a[n, :B] (widened) for n < rows: a chunk of one block column of a (N, lda) matrix.
-template <typename scalar_t, typename acc_t, int B>
-inline void pack_panel(const scalar_t* a, int64_t lda, int64_t rows, acc_t* panel) {
-  constexpr int W = Blocking<acc_t, B>::W;
-  for (int64_t n = 0; n < rows; ++n)
-    for (int v = 0; v < B; v += W) simd::store<acc_t>(panel + n * B + v, simd::load<acc_t>(a + n * lda + v));
-}
-
-// Requests the cache lines of rows [0, rows) x [0, B) of a (N, lda) matrix.
-template <typename scalar_t, int B>
-inline void prefetch_panel(const scalar_t* a, int64_t lda, int64_t rows) {
-  constexpr int kLine = 64, kBytes = B * static_cast<int>(sizeof(scalar_t));
-  for (int64_t n = 0; n < rows; ++n)
-    for (int e = 0; e < kBytes; e += kLine) __builtin_prefetch(reinterpret_cast<const char*>(a + n * lda) + e, 0);
-}
-
-// Rows of N per chunk of the sampled product: a block's two panels of a chunk (2 x 64 x B
-// values, contiguous) stay in L1 while the MS-row strips of S pass over them.
-constexpr int64_t kSampledChunk = 64;
+// Bytes of the packed panels of g and x that one chunk of N keeps in L2.
+constexpr int64_t kSampledBytes = 512 * 1024;
 
 // S[k] = g[:, row(k)*B : +B]^T @ x[:, col[k]*B : +B] for the blocks k in [begin, end), whose
-// block rows are row_of[k]: over N in chunks, each block copies its chunk of g and x into
-// contiguous panels (g's only when the block row changes), then runs the micro-kernel strips.
+// block rows are row_of[k]. N is walked in chunks. For each chunk the thread first packs,
+// reading each row of g and x once and in order, the block columns its blocks use into
+// contiguous (rows, B) panels in the accumulation type; then every block runs its MS-row
+// strips of S over its two panels, which stay in L1.
 template <typename scalar_t, typename acc_t, int B>
 void sampled_blocks_fixed(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, const int64_t* row_of,
                           const int64_t* col, int64_t begin, int64_t end, int64_t N, acc_t* S) {
-  constexpr int MS = Blocking<acc_t, B>::MS;
-  std::vector<acc_t> gp(kSampledChunk * B), xp(kSampledChunk * B);
-  for (int64_t n0 = 0; n0 < N; n0 += kSampledChunk) {
-    const int64_t rows = std::min(N - n0, kSampledChunk);
+  constexpr int MS = Blocking<acc_t, B>::MS, W = Blocking<acc_t, B>::W;
+  // The block columns of x used here (sorted) and the panel of each; the block rows of g
+  // used here are the consecutive row_of[begin] .. row_of[end - 1].
+  std::vector<int64_t> x_cols(col + begin, col + end);
+  std::sort(x_cols.begin(), x_cols.end());
+  x_cols.erase(std::unique(x_cols.begin(), x_cols.end()), x_cols.end());
+  std::vector<int64_t> x_panel(end - begin);
+  for (int64_t k = begin; k < end; ++k)
+    x_panel[k - begin] = std::lower_bound(x_cols.begin(), x_cols.end(), col[k]) - x_cols.begin();
+  const int64_t g_first = row_of[begin], g_count = row_of[end - 1] - g_first + 1;
+  const int64_t npanels = static_cast<int64_t>(x_cols.size()) + g_count;
+  const int64_t chunk = std::clamp<int64_t>(kSampledBytes / (npanels * B * static_cast<int64_t>(sizeof(acc_t))), 8, 64);
+  std::vector<acc_t> panels(npanels * chunk * B);
+  acc_t* const xp = panels.data();
+  acc_t* const gp = panels.data() + static_cast<int64_t>(x_cols.size()) * chunk * B;
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t rows = std::min(N - n0, chunk);
+    for (int64_t n = 0; n < rows; ++n) {
+      const scalar_t* xn = x + (n0 + n) * ldx;
+      for (size_t p = 0; p < x_cols.size(); ++p)
+        for (int v = 0; v < B; v += W) simd::store<acc_t>(xp + (p * chunk + n) * B + v, simd::load<acc_t>(xn + x_cols[p] * B + v));
+      const scalar_t* gn = g + (n0 + n) * ldg + g_first * B;
+      for (int64_t p = 0; p < g_count; ++p)
+        for (int v = 0; v < B; v += W) simd::store<acc_t>(gp + (p * chunk + n) * B + v, simd::load<acc_t>(gn + p * B + v));
+    }
     for (int64_t k = begin; k < end; ++k) {
-      if (k == begin || row_of[k] != row_of[k - 1]) pack_panel<scalar_t, acc_t, B>(g + n0 * ldg + row_of[k] * B, ldg, rows, gp.data());
-      pack_panel<scalar_t, acc_t, B>(x + n0 * ldx + col[k] * B, ldx, rows, xp.data());
-      // The next block's panels come from rows a page apart, which the hardware prefetchers
-      // do not follow: request them while this block computes.
-      if (k + 1 < end) {
-        prefetch_panel<scalar_t, B>(x + n0 * ldx + col[k + 1] * B, ldx, rows);
-        if (row_of[k + 1] != row_of[k]) prefetch_panel<scalar_t, B>(g + n0 * ldg + row_of[k + 1] * B, ldg, rows);
-      }
+      const acc_t* gk = gp + (row_of[k] - g_first) * chunk * B;
+      const acc_t* xk = xp + x_panel[k - begin] * chunk * B;
       acc_t* Sk = S + k * B * B;
-      for (int r0 = 0; r0 < B; r0 += MS) sampled_micro<acc_t, B, MS>(gp.data() + r0, xp.data(), rows, Sk + r0 * B);
+      for (int r0 = 0; r0 < B; r0 += MS) sampled_micro<acc_t, B, MS>(gk + r0, xk, rows, Sk + r0 * B);
     }
   }
 }
 
-// The same for any block size, without register blocking.
+// The same for any block size, without register blocking, over chunks of N rows whose
+// rows of g and x stay in L2 while the thread's blocks pass over them.
+constexpr int64_t kSampledChunk = 64;
+
 template <typename scalar_t, typename acc_t>
 void sampled_blocks_any(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, const int64_t* row_of,
                         const int64_t* col, int64_t begin, int64_t end, int64_t b, int64_t N, acc_t* S) {
