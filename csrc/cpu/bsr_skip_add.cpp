@@ -174,7 +174,13 @@ void block_row_product_fixed(const scalar_t* a, int64_t lda, const acc_t* Bv, co
       const int64_t n0 = w * tile, rows = std::min(N, n0 + tile) - n0;
       pack_transposed<scalar_t, acc_t>(a + n0 * lda, lda, rows, packed.data(), tile);
       for (int64_t i = 0; i < nrows; ++i) {
-        for (int64_t m = 0; m < rows; m += MR) {
+        // The blocks of the next block row, in slices, one per micro-tile of this row: with
+        // many blocks they do not stay in L2 from one tile of rows to the next.
+        const char* next = reinterpret_cast<const char*>(Bv + (i + 1 < nrows ? ptr[i + 1] : ptr[0]) * B * B);
+        const int64_t next_bytes = (i + 1 < nrows ? ptr[i + 2] - ptr[i + 1] : ptr[1] - ptr[0]) * B * B * sizeof(acc_t);
+        const int64_t slice = (next_bytes + (rows + MR - 1) / MR - 1) / ((rows + MR - 1) / MR);
+        for (int64_t m = 0, p = 0; m < rows; m += MR, p += slice) {
+          for (int64_t e = p; e < std::min(p + slice, next_bytes); e += 64) __builtin_prefetch(next + e, 0);
           const int64_t first = (n0 + m) * ldo + i * B;
           block_row_micro<scalar_t, acc_t, B, MR>(packed.data() + m, tile, Bv, idx, ptr[i], ptr[i + 1], alpha,
                                                   branch != nullptr ? branch + first : nullptr, ldo, out + first,
