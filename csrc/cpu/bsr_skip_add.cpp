@@ -155,7 +155,8 @@ inline void block_row_micro(const acc_t* P, int64_t ldp, const acc_t* Bv, const 
 // A thread owns a tile of rows at a time: it packs the tile's input rows, transposed and
 // widened to the accumulation type, into a per-thread buffer that stays in L2, then
 // applies every output block row from there, reading the branch and writing each output
-// element once. Memory sees each input, branch and output row once.
+// element once. Memory sees each input, branch and output row once. The tile's output
+// rows are mapped (prefault_for_write) before they are written.
 template <typename scalar_t, typename acc_t, int B>
 void block_row_product_fixed(const scalar_t* a, int64_t lda, const acc_t* Bv, const int64_t* ptr,
                              const int64_t* idx, int64_t nrows, int64_t N, acc_t alpha, const scalar_t* branch,
@@ -172,6 +173,7 @@ void block_row_product_fixed(const scalar_t* a, int64_t lda, const acc_t* Bv, co
     std::vector<acc_t> packed(tile * lda);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n0 = w * tile, rows = std::min(N, n0 + tile) - n0;
+      prefault_for_write(out + n0 * ldo, rows * ldo * static_cast<int64_t>(sizeof(scalar_t)));
       pack_transposed<scalar_t, acc_t>(a + n0 * lda, lda, rows, packed.data(), tile);
       for (int64_t i = 0; i < nrows; ++i) {
         // The blocks of the next block row, in slices, one per micro-tile of this row: with

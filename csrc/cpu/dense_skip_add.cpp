@@ -1,6 +1,7 @@
 // CPU implementation of the dense skip-add, y = alpha * (x @ W^T) + branch, and its
 // backward. A dense mapping is a GEMM, so both directions call the BLAS-backed ATen
-// GEMMs, with the scale and the residual add folded into addmm's epilogue.
+// GEMMs, with the scale and the residual add folded into addmm's epilogue, into outputs
+// whose pages are mapped beforehand (empty_prefaulted).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -20,8 +21,8 @@ namespace {
 // NaN/Inf of the operands, so that case forms it explicitly (0 * NaN = NaN, as the reference).
 at::Tensor scaled_mm(const at::Tensor& m1, const at::Tensor& m2, double a) {
   if (a == 0.0) return at::mm(m1, m2).mul_(a);
-  const at::Tensor unused = at::empty({m1.size(0), m2.size(1)}, m1.options());
-  return at::addmm(unused, m1, m2, /*beta=*/0, /*alpha=*/a);
+  at::Tensor out = empty_prefaulted({m1.size(0), m2.size(1)}, m1.options());
+  return at::addmm_out(out, out, m1, m2, /*beta=*/0, /*alpha=*/a);  // beta = 0: out's contents are not read
 }
 
 void check_dense(const at::Tensor& x, const at::Tensor& weight) {
@@ -39,7 +40,10 @@ at::Tensor dense_skip_add(const at::Tensor& x, const at::Tensor& weight, const a
   check_alpha(alpha, x);
   check_branch(branch, x, weight.size(0));
   const double a = alpha_value(alpha);
-  if (branch.has_value() && a != 0.0) return at::addmm(*branch, x, weight.t(), /*beta=*/1, /*alpha=*/a);
+  if (branch.has_value() && a != 0.0) {
+    at::Tensor out = empty_prefaulted({x.size(0), weight.size(0)}, x.options());
+    return at::addmm_out(out, *branch, x, weight.t(), /*beta=*/1, /*alpha=*/a);
+  }
   at::Tensor y = scaled_mm(x, weight.t(), a);
   return branch.has_value() ? y.add_(*branch) : y;
 }
