@@ -76,6 +76,26 @@ def test_cpu_backend_matches_reference(kind, block, dtype, lead, with_branch, po
     _check_against_reference(make_mapping(kind, dim, block, seed=3, out_dim=out_dim), dtype, lead, with_branch)
 
 
+@pytest.mark.parametrize("dim", [128, 40], ids=["whole_blocks", "no_whole_blocks"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["orthogonal", "dense_rect", "dense_colmajor"])
+@pytest.mark.parametrize("mode", ["gemm", "blocks"])
+def test_cpu_dense_16bit_paths_match_reference(mode, kind, dtype, dim, monkeypatch, poisoned, cpu_backend):
+    """dense_skip_add.cpp runs 16-bit inputs through ATen's GEMM or, where that is slower than float32,
+    the block-row kernel over W's blocks (falling back to the GEMM when W has no whole 16/32/64 blocks):
+    both, forced by ENTSKIP_CPU_DENSE_16BIT, forward and gradients against the float64 reference."""
+    monkeypatch.setenv("ENTSKIP_CPU_DENSE_16BIT", mode)
+    out_dim = dim + 64 if kind in RECT else dim
+    _check_against_reference(make_mapping(kind, dim, 8, seed=5, out_dim=out_dim), dtype, (3, 37), True)
+
+
+def test_cpu_dense_16bit_mode_is_checked(monkeypatch, cpu_backend):
+    monkeypatch.setenv("ENTSKIP_CPU_DENSE_16BIT", "fast")
+    x, w = torch.randn(4, 64).bfloat16(), torch.randn(64, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="ENTSKIP_CPU_DENSE_16BIT must be 'gemm', 'blocks' or empty"):
+        entskip.skip_add(x, w)
+
+
 @pytest.mark.parametrize("kind", NATIVE_KINDS)
 def test_gradcheck_float64(kind, cpu_backend):
     mapping = make_mapping(kind, 16, 4, seed=1, out_dim=24)

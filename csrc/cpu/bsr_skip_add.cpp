@@ -5,11 +5,8 @@
 //            dS_k     = g[:, row(k)]^T @ x[:, col[k]]          (b x b, only on M's blocks)
 //            dV_k     = alpha * dS_k,   dalpha = sum_k <dS_k, V_k>
 // where [:, i] is the i-th group of b features. Forward and dx are the same fused
-// loop (block_row_product) over a compressed layout: for every tile of rows and
-// every output block it accumulates the products of all the blocks of that row
-// in a small accumulator, then applies alpha and the residual add and writes the
-// output tile once. dS is reduced over N in a fixed order per block, so results
-// are deterministic for any thread count.
+// loop (block_row_product.h) over a compressed layout. dS is reduced over N in a
+// fixed order per block, so results are deterministic for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +19,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "block_row_product.h"
 #include "common.h"
 #include "simd.h"
 
@@ -70,181 +68,6 @@ void check_transpose(const at::Tensor& crow, const at::Tensor& col, const at::Te
   }
 }
 
-// Bytes of packed input rows a work item aims to keep in L2.
-constexpr int64_t kTileBytes = 256 * 1024;
-
-// Block sizes with register-blocked micro-kernels (multiples of the SIMD width).
-template <typename acc_t, int B>
-struct Blocking {
-  static constexpr int W = simd::Simd<acc_t>::W;
-  static constexpr int NV = B / W;  // vectors per block row
-  static_assert(B % W == 0, "block size must be a multiple of the SIMD width");
-  // Output rows per micro-tile: MR x NV accumulators stay in registers (<= 24 of 32).
-  static constexpr int MR = std::max(1, std::min(12, 24 / NV));
-  // Rows of a work item come in units that are whole W x W transposes and whole micro-tiles.
-  static constexpr int64_t kUnit = std::lcm(W, MR);
-  // Rows of S per strip in the sampled product: MS x NV accumulators (<= 16).
-  static constexpr int MS = std::max(1, std::min(B, 16 / NV));
-};
-
-// P[col][n] = a[n][col] (widened to acc_t) for n < rows, 0 for rows <= n < round_up(rows, W):
-// the transpose of a tile of `rows` rows of a (N, lda) matrix, with leading dimension ldp.
-// lda is a multiple of W; W x W sub-blocks are transposed in registers.
-template <typename scalar_t, typename acc_t>
-void pack_transposed(const scalar_t* a, int64_t lda, int64_t rows, acc_t* P, int64_t ldp) {
-  using V = simd::Vec<acc_t>;
-  constexpr int W = simd::Simd<acc_t>::W;
-  for (int64_t n0 = 0; n0 < rows; n0 += W) {
-    for (int64_t c0 = 0; c0 < lda; c0 += W) {
-      V v[W];
-      for (int i = 0; i < W; ++i) v[i] = n0 + i < rows ? simd::load<acc_t>(a + (n0 + i) * lda + c0) : V{};
-      simd::transpose<acc_t>(v);
-      for (int i = 0; i < W; ++i) simd::store<acc_t>(P + (c0 + i) * ldp + n0, v[i]);
-    }
-  }
-}
-
-// out[m, :B] = alpha * sum_{t in [t0, t1)} A[m, idx[t]*B : +B] @ Bv[t] (+ branch[m, :B]) for m < rows <= MR,
-// where A[m, col] = P[col * ldp + m] (the packed transpose of the input rows): the MR values
-// broadcast at each step are adjacent. All MR x B accumulators stay in registers across
-// every block of the row; rows MR - rows .. MR - 1 are computed (on zero padding) but not stored.
-template <typename scalar_t, typename acc_t, int B, int MR>
-inline void block_row_micro(const acc_t* P, int64_t ldp, const acc_t* Bv, const int64_t* idx, int64_t t0,
-                            int64_t t1, acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out, int64_t rows) {
-  using V = simd::Vec<acc_t>;
-  constexpr int W = Blocking<acc_t, B>::W, NV = Blocking<acc_t, B>::NV;
-  // The branch and output rows are touched only by the epilogue: request them now so
-  // that their cache misses overlap the products instead of stalling the stores.
-  constexpr int kLine = 64;
-  for (int m = 0; m < MR && m < rows; ++m) {
-    for (int e = 0; e < B * static_cast<int>(sizeof(scalar_t)); e += kLine) {
-      if (branch != nullptr) __builtin_prefetch(reinterpret_cast<const char*>(branch + m * ldo) + e, 0);
-      __builtin_prefetch(reinterpret_cast<const char*>(out + m * ldo) + e, 1);
-    }
-  }
-  V acc[MR][NV];
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = V{};
-  for (int64_t t = t0; t < t1; ++t) {
-    const acc_t* Bt = Bv + t * B * B;
-    const acc_t* At = P + idx[t] * B * ldp;
-    for (int c = 0; c < B; ++c) {
-      V bv[NV];
-      for (int v = 0; v < NV; ++v) bv[v] = simd::load<acc_t>(Bt + c * B + v * W);
-      for (int m = 0; m < MR; ++m) {
-        const V av = simd::broadcast(At[c * ldp + m]);
-        for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
-      }
-    }
-  }
-  const V va = simd::broadcast(alpha);
-  for (int m = 0; m < MR; ++m) {
-    if (m >= rows) break;
-    for (int v = 0; v < NV; ++v) {
-      V y = va * acc[m][v];
-      if (branch != nullptr) y += simd::load<acc_t>(branch + m * ldo + v * W);
-      simd::store<acc_t>(out + m * ldo + v * W, y);
-    }
-  }
-}
-
-// out[n, i*b : (i+1)*b] = alpha * sum_{t = ptr[i]}^{ptr[i+1]-1} a[n, idx[t]*b : +b] @ B[t] (+ branch[n, ...])
-// a: (N, lda) row-major; B: (nnz, b, b) row-major in the accumulation type, B[t][c][j]
-// maps input feature c of the block to output feature j; out, branch: (N, nrows * b).
-//
-// A thread owns a tile of rows at a time: it packs the tile's input rows, transposed and
-// widened to the accumulation type, into a per-thread buffer that stays in L2, then
-// applies every output block row from there, reading the branch and writing each output
-// element once. Memory sees each input, branch and output row once. The tile's output
-// rows are mapped (prefault_for_write) before they are written.
-template <typename scalar_t, typename acc_t, int B>
-void block_row_product_fixed(const scalar_t* a, int64_t lda, const acc_t* Bv, const int64_t* ptr,
-                             const int64_t* idx, int64_t nrows, int64_t N, acc_t alpha, const scalar_t* branch,
-                             scalar_t* out) {
-  constexpr int MR = Blocking<acc_t, B>::MR;
-  constexpr int64_t unit = Blocking<acc_t, B>::kUnit;
-  const int64_t ldo = nrows * B;
-  // Tiles fit the L2 budget and are small enough to give every thread several.
-  const int64_t fit_units = kTileBytes / (unit * lda * static_cast<int64_t>(sizeof(acc_t)));
-  const int64_t parallel_units = (N + 4 * unit * at::get_num_threads() - 1) / (4 * unit * at::get_num_threads());
-  const int64_t tile = unit * std::max<int64_t>(1, std::min(fit_units, parallel_units));
-  const int64_t ntiles = (N + tile - 1) / tile;
-  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> packed(tile * lda);
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t n0 = w * tile, rows = std::min(N, n0 + tile) - n0;
-      prefault_for_write(out + n0 * ldo, rows * ldo * static_cast<int64_t>(sizeof(scalar_t)));
-      pack_transposed<scalar_t, acc_t>(a + n0 * lda, lda, rows, packed.data(), tile);
-      for (int64_t i = 0; i < nrows; ++i) {
-        // The blocks of the next block row, in slices, one per micro-tile of this row: with
-        // many blocks they do not stay in L2 from one tile of rows to the next.
-        const char* next = reinterpret_cast<const char*>(Bv + (i + 1 < nrows ? ptr[i + 1] : ptr[0]) * B * B);
-        const int64_t next_bytes = (i + 1 < nrows ? ptr[i + 2] - ptr[i + 1] : ptr[1] - ptr[0]) * B * B * sizeof(acc_t);
-        const int64_t slice = (next_bytes + (rows + MR - 1) / MR - 1) / ((rows + MR - 1) / MR);
-        for (int64_t m = 0, p = 0; m < rows; m += MR, p += slice) {
-          for (int64_t e = p; e < std::min(p + slice, next_bytes); e += 64) __builtin_prefetch(next + e, 0);
-          const int64_t first = (n0 + m) * ldo + i * B;
-          block_row_micro<scalar_t, acc_t, B, MR>(packed.data() + m, tile, Bv, idx, ptr[i], ptr[i + 1], alpha,
-                                                  branch != nullptr ? branch + first : nullptr, ldo, out + first,
-                                                  rows - m);
-        }
-      }
-    }
-  });
-}
-
-// The same product for any block size, without register blocking.
-template <typename scalar_t, typename acc_t>
-void block_row_product_any(const scalar_t* a, int64_t lda, const acc_t* B, const int64_t* ptr, const int64_t* idx,
-                           int64_t nrows, int64_t b, int64_t N, acc_t alpha, const scalar_t* branch, scalar_t* out) {
-  const int64_t ldo = nrows * b;
-  const int64_t tile = std::max<int64_t>(1, kTileBytes / (lda * static_cast<int64_t>(sizeof(scalar_t))));
-  const int64_t ntiles = (N + tile - 1) / tile;
-  at::parallel_for(0, ntiles * nrows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(b);
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t i = w % nrows, n0 = (w / nrows) * tile, n1 = std::min(N, n0 + tile);
-      for (int64_t n = n0; n < n1; ++n) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t t = ptr[i]; t < ptr[i + 1]; ++t) {
-          const acc_t* Bt = B + t * b * b;
-          const scalar_t* an = a + n * lda + idx[t] * b;
-          for (int64_t c = 0; c < b; ++c) {
-            const acc_t av = static_cast<acc_t>(an[c]);
-            for (int64_t j = 0; j < b; ++j) acc[j] += av * Bt[c * b + j];
-          }
-        }
-        scalar_t* on = out + n * ldo + i * b;
-        const scalar_t* rn = branch ? branch + n * ldo + i * b : nullptr;
-        for (int64_t j = 0; j < b; ++j) {
-          on[j] = static_cast<scalar_t>(alpha * acc[j] + (rn ? static_cast<acc_t>(rn[j]) : acc_t(0)));
-        }
-      }
-    }
-  });
-}
-
-// Calls fn(std::integral_constant<int, B>{}) if b is a block size with micro-kernels
-// (16, 32, 64: multiples of every SIMD width used); returns whether it did.
-template <typename Fn>
-bool with_fixed_block(int64_t b, Fn&& fn) {
-  switch (b) {
-    case 16: fn(std::integral_constant<int, 16>{}); return true;
-    case 32: fn(std::integral_constant<int, 32>{}); return true;
-    case 64: fn(std::integral_constant<int, 64>{}); return true;
-    default: return false;
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void block_row_product(const scalar_t* a, int64_t lda, const acc_t* B, const int64_t* ptr, const int64_t* idx,
-                       int64_t nrows, int64_t b, int64_t N, acc_t alpha, const scalar_t* branch, scalar_t* out) {
-  const bool done = with_fixed_block(b, [&](auto block) {
-    block_row_product_fixed<scalar_t, acc_t, decltype(block)::value>(a, lda, B, ptr, idx, nrows, N, alpha, branch, out);
-  });
-  if (!done) block_row_product_any<scalar_t, acc_t>(a, lda, B, ptr, idx, nrows, b, N, alpha, branch, out);
-}
-
 // S[m, :B] += sum_{n < rows} g[n, m] * x[n, :B] for m < MS (accumulators in registers);
 // g and x are contiguous (rows, B) panels.
 template <typename acc_t, int B, int MS>
@@ -257,10 +80,7 @@ inline void sampled_micro(const acc_t* g, const acc_t* x, int64_t rows, acc_t* S
   for (int64_t n = 0; n < rows; ++n) {
     V xv[NV];
     for (int v = 0; v < NV; ++v) xv[v] = simd::load<acc_t>(x + n * B + v * W);
-    for (int m = 0; m < MS; ++m) {
-      const V gv = simd::broadcast(g[n * B + m]);
-      for (int v = 0; v < NV; ++v) acc[m][v] += gv * xv[v];
-    }
+    simd::outer_product_step<MS, NV>(acc, g + n * B, xv);
   }
   for (int m = 0; m < MS; ++m)
     for (int v = 0; v < NV; ++v) simd::store<acc_t>(S + m * B + v * W, acc[m][v]);

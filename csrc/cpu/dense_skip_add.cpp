@@ -1,11 +1,21 @@
 // CPU implementation of the dense skip-add, y = alpha * (x @ W^T) + branch, and its
 // backward. A dense mapping is a GEMM, so both directions call the BLAS-backed ATen
 // GEMMs, with the scale and the residual add folded into addmm's epilogue, into outputs
-// whose pages are mapped beforehand (empty_prefaulted).
+// whose pages are mapped beforehand (empty_prefaulted). For 16-bit inputs on CPUs whose
+// 16-bit GEMM is slower than their float32 GEMM (no AMX, e.g.), y and dx instead run the
+// block-row kernel of the BSR op over all the b x b blocks of W (float32 products, the
+// residual add fused); see use_block_kernel.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
 #include "../checks.h"
+#include "block_row_product.h"
 #include "common.h"
 
 namespace entskip::cpu {
@@ -25,6 +35,83 @@ at::Tensor scaled_mm(const at::Tensor& m1, const at::Tensor& m2, double a) {
   return at::addmm_out(out, out, m1, m2, /*beta=*/0, /*alpha=*/a);  // beta = 0: out's contents are not read
 }
 
+// Seconds of the faster of two (m x k) @ (k x n) products in dtype t, after a warm-up.
+double time_mm(at::ScalarType t, int64_t m, int64_t k, int64_t n) {
+  const at::Tensor a = at::randn({m, k}).to(t), b = at::randn({k, n}).to(t);
+  double best = 1e30;
+  for (int rep = 0; rep < 3; ++rep) {  // the first call warms up
+    const auto start = std::chrono::steady_clock::now();
+    at::mm(a, b);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (rep > 0) best = std::min(best, s);
+  }
+  return best;
+}
+
+// Whether the dense op on 16-bit inputs (bfloat16, float16) runs the block-row kernel
+// (float32 arithmetic) rather than ATen's 16-bit GEMM: when ENTSKIP_CPU_DENSE_16BIT is
+// "blocks" (or "gemm": never); otherwise when a 256 x 1024 x 1024 product, measured
+// once per process and dtype (about 20 ms), is slower in that dtype than in float32.
+bool use_block_kernel(at::ScalarType t) {
+  if (const char* forced = std::getenv("ENTSKIP_CPU_DENSE_16BIT")) {
+    if (std::strcmp(forced, "blocks") == 0) return true;
+    if (std::strcmp(forced, "gemm") == 0) return false;
+    TORCH_CHECK(forced[0] == '\0', "ENTSKIP_CPU_DENSE_16BIT must be 'gemm', 'blocks' or empty, got '", forced, "'");
+  }
+  const auto slower = [](at::ScalarType dtype) {
+    return time_mm(dtype, 256, 1024, 1024) > time_mm(at::kFloat, 256, 1024, 1024);
+  };
+  if (t == at::kBFloat16) {
+    static const bool bf16 = slower(at::kBFloat16);
+    return bf16;
+  }
+  static const bool f16 = slower(at::kHalf);
+  return f16;
+}
+
+// The block size for which W (d_out x d_in) is whole blocks, 0 if none.
+int64_t full_block(int64_t d_out, int64_t d_in) {
+  for (const int64_t b : {32, 64, 16})
+    if (d_out % b == 0 && d_in % b == 0) return b;
+  return 0;
+}
+
+// out = alpha * (a @ W^T) (+ branch) when transpose is false, alpha * (a @ W) when true, by the
+// block-row kernel over all the b x b blocks of W (row i, column j of blocks: W_ij):
+//   y[:, i]  = alpha * sum_j x[:, j] @ W_ij^T + branch[:, i]     (forward)
+//   dx[:, j] = alpha * sum_i g[:, i] @ W_ij                       (backward)
+at::Tensor block_kernel_mm(const at::Tensor& a, const at::Tensor& weight, double alpha,
+                           const c10::optional<at::Tensor>& branch, bool transpose, int64_t b) {
+  const int64_t nr = weight.size(0) / b, nc = weight.size(1) / b;
+  const int64_t nout = transpose ? nc : nr, nin = transpose ? nr : nc;
+  // B[t][c][o] maps input feature c of block t to output feature o of its output block.
+  const at::Tensor blocks = weight.reshape({nr, b, nc, b})
+                                .permute(transpose ? at::IntArrayRef{2, 0, 1, 3} : at::IntArrayRef{0, 2, 3, 1})
+                                .to(at::kFloat)
+                                .contiguous();
+  std::vector<int64_t> ptr(nout + 1), idx(nout * nin);
+  for (int64_t o = 0; o <= nout; ++o) ptr[o] = o * nin;
+  for (int64_t t = 0; t < nout * nin; ++t) idx[t] = t % nin;
+  const at::Tensor ac = a.contiguous();
+  const at::Tensor rc = branch.has_value() ? branch->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({a.size(0), nout * b}, a.options());
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(a.scalar_type(), "entskip_dense_block_kernel_cpu", [&] {
+    block_row_product<scalar_t, float>(ac.const_data_ptr<scalar_t>(), ac.size(1), blocks.const_data_ptr<float>(),
+                                       ptr.data(), idx.data(), nout, b, a.size(0), static_cast<float>(alpha),
+                                       rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
+                                       out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// The block size to run the block-row kernel with for these inputs, 0 for the GEMM.
+int64_t block_kernel_block(const at::Tensor& x, const at::Tensor& weight) {
+  const auto t = x.scalar_type();
+  if (t != at::kBFloat16 && t != at::kHalf) return 0;
+  const int64_t b = full_block(weight.size(0), weight.size(1));
+  return b != 0 && use_block_kernel(t) ? b : 0;
+}
+
 void check_dense(const at::Tensor& x, const at::Tensor& weight) {
   check_float_matrix(x, "x");
   check_cpu(x, "x");
@@ -40,6 +127,7 @@ at::Tensor dense_skip_add(const at::Tensor& x, const at::Tensor& weight, const a
   check_alpha(alpha, x);
   check_branch(branch, x, weight.size(0));
   const double a = alpha_value(alpha);
+  if (const int64_t b = block_kernel_block(x, weight)) return block_kernel_mm(x, weight, a, branch, false, b);
   if (branch.has_value() && a != 0.0) {
     at::Tensor out = empty_prefaulted({x.size(0), weight.size(0)}, x.options());
     return at::addmm_out(out, *branch, x, weight.t(), /*beta=*/1, /*alpha=*/a);
@@ -59,7 +147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at:
               "grad must have shape [", x.size(0), ", ", weight.size(0), "], got ", grad.sizes());
   const double a = alpha_value(alpha);
   at::Tensor dx, dweight, dalpha;
-  if (output_mask[0]) dx = scaled_mm(grad, weight, a);
+  if (output_mask[0]) {
+    const int64_t b = block_kernel_block(x, weight);
+    dx = b != 0 ? block_kernel_mm(grad, weight, a, c10::nullopt, true, b) : scaled_mm(grad, weight, a);
+  }
   if (output_mask[1] || output_mask[2]) {
     // Reduced precisions accumulate the N-long reduction in float32.
     const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

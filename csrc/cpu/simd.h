@@ -66,6 +66,16 @@ inline void store(scalar_t* p, const Vec<acc_t>& v) {
   }
 }
 
+// acc[m][v] += a[m] * b[v] for m < M, v < NV: one step (one k) of an outer-product
+// micro-kernel, with b = NV vectors of a row of the right operand.
+template <int M, int NV, typename acc_t>
+inline void outer_product_step(Vec<acc_t> (&acc)[M][NV], const acc_t* a, const Vec<acc_t> (&b)[NV]) {
+  for (int m = 0; m < M; ++m) {
+    const Vec<acc_t> am = broadcast(a[m]);
+    for (int v = 0; v < NV; ++v) acc[m][v] += am * b[v];
+  }
+}
+
 // Transpose of the W x W matrix whose rows are v[0], ..., v[W-1] (W = lanes), in
 // registers: log2(W) stages, each swapping the off-diagonal H x H blocks of every
 // 2H x 2H block with two-source lane shuffles (vpermt2ps/pd on AVX-512).
