@@ -2,9 +2,11 @@
 
 The floor of a case is ``max(bytes / bandwidth, flops / peak[dtype])`` with the
 bytes and flops of :data:`FORMULAS`. ``bandwidth`` is the achieved bandwidth of a
-large device copy, ``peak`` the rate of a large dense matmul in the dtype (the
-fastest of a few calls each: the machine's best, not its typical); both are
-measured at the start of the run and stored with the results.
+device copy (the faster of a large one and a cache-sized one: the cases' tensors may
+fit a large last-level cache), ``peak`` the rate of a large dense matmul in the dtype,
+or in float32 for bfloat16 if that is faster (bfloat16 work can always run in
+float32). Each is the fastest of a few calls: the machine's best, not its typical;
+all are measured at the start of the run and stored with the results.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .cases import DTYPES, Case
 from .peers import Runner
 from .timing import Settings, samples_ms
 
-COPY_BYTES = 256 * 2**20
+COPY_BYTES = (256 * 2**20, 16 * 2**20)
 MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 
 FORMULAS = {
@@ -30,8 +32,11 @@ FORMULAS = {
     "x + r": "its own floor: bytes = 3*N*D*elt, flops = 0, both passes (its backward hands g on: dx = dr = g)",
     "floor": "max(bytes / bandwidth, flops / peak[dtype]); fraction of floor = floor / median time",
     "density": "the mapping's actual block density (nnzb / (D/b)^2), for every method of the case",
-    "bandwidth": f"fastest dst.copy_(src) of {COPY_BYTES // 2**20} MiB buffers in the run, counted as read + write",
-    "peak": "fastest dense n x n @ n x n matmul of the dtype in the run (n = 2048 on CPU, 8192 on CUDA), 2*n^3 flops",
+    "bandwidth": "fastest dst.copy_(src) of 256 MiB or 16 MiB buffers in the run, counted as read + write",
+    "peak": (
+        "fastest dense n x n @ n x n matmul of the dtype in the run (n = 2048 on CPU, 8192 on CUDA), 2*n^3 flops; "
+        "for bfloat16 the float32 rate if that is higher"
+    ),
 }
 
 
@@ -71,9 +76,12 @@ def _fastest_s(forward, device, settings: Settings) -> float:
 
 
 def _bandwidth(device: torch.device, settings: Settings) -> float:
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    return 2 * COPY_BYTES / _fastest_s(lambda: dst.copy_(src), device, settings)
+    rates = []
+    for nbytes in COPY_BYTES:
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+        dst = torch.empty_like(src)
+        rates.append(2 * nbytes / _fastest_s(lambda: dst.copy_(src), device, settings))
+    return max(rates)
 
 
 def _peak(device: torch.device, dtype: torch.dtype, settings: Settings) -> float:
@@ -86,4 +94,7 @@ def measure(device: torch.device, dtypes, settings: Settings) -> Machine:
     """Measure the copy bandwidth and the matmul peak of each dtype on ``device`` (5 calls each)."""
     device = torch.device(device)
     settings = Settings(5, settings.warmup, settings.budget_s)
-    return Machine(_bandwidth(device, settings), {name: _peak(device, DTYPES[name], settings) for name in dtypes})
+    peak = {name: _peak(device, DTYPES[name], settings) for name in {*dtypes, "float32"}}
+    if "bfloat16" in peak:
+        peak["bfloat16"] = max(peak["bfloat16"], peak["float32"])
+    return Machine(_bandwidth(device, settings), {name: peak[name] for name in dtypes})
