@@ -38,14 +38,14 @@ struct Blocking {
   static constexpr int MS = std::max(1, std::min(B, 16 / NV));
 };
 
-// P[col][n] = a[n][col] (widened to acc_t) for n < rows, 0 for rows <= n < round_up(rows, W):
-// the transpose of a tile of `rows` rows of a (N, lda) matrix, with leading dimension ldp.
-// lda is a multiple of W; W x W sub-blocks are transposed in registers.
+// P[col][n] = a[n][col] (widened to acc_t) for n < rows, 0 for rows <= n < padded (a multiple
+// of W, at most ldp): the transpose of a tile of `rows` rows of a (N, lda) matrix, with leading
+// dimension ldp. lda is a multiple of W; W x W sub-blocks are transposed in registers.
 template <typename scalar_t, typename acc_t>
-void pack_transposed(const scalar_t* a, int64_t lda, int64_t rows, acc_t* P, int64_t ldp) {
+void pack_transposed(const scalar_t* a, int64_t lda, int64_t rows, int64_t padded, acc_t* P, int64_t ldp) {
   using V = simd::Vec<acc_t>;
   constexpr int W = simd::Simd<acc_t>::W;
-  for (int64_t n0 = 0; n0 < rows; n0 += W) {
+  for (int64_t n0 = 0; n0 < padded; n0 += W) {
     for (int64_t c0 = 0; c0 < lda; c0 += W) {
       V v[W];
       for (int i = 0; i < W; ++i) v[i] = n0 + i < rows ? simd::load<acc_t>(a + (n0 + i) * lda + c0) : V{};
@@ -55,10 +55,10 @@ void pack_transposed(const scalar_t* a, int64_t lda, int64_t rows, acc_t* P, int
   }
 }
 
-// out[m, :B] = alpha * sum_{t in [t0, t1)} A[m, idx[t]*B : +B] @ Bv[t] (+ branch[m, :B]) for m < rows <= MR,
+// out[m, :B] = alpha * sum_{t in [t0, t1)} A[m, idx[t]*B : +B] @ Bv[t] (+ branch[m, :B]) for m < min(rows, MR),
 // where A[m, col] = P[col * ldp + m] (the packed transpose of the input rows): the MR values
 // broadcast at each step are adjacent. All MR x B accumulators stay in registers across
-// every block of the row; rows MR - rows .. MR - 1 are computed (on zero padding) but not stored.
+// every block of the row; rows from `rows` to MR - 1 (zero padding of P) are computed, not stored.
 template <typename scalar_t, typename acc_t, int B, int MR>
 inline void block_row_micro(const acc_t* P, int64_t ldp, const acc_t* Bv, const int64_t* idx, int64_t t0,
                             int64_t t1, acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out, int64_t rows) {
@@ -122,7 +122,8 @@ void block_row_product_fixed(const scalar_t* a, int64_t lda, const acc_t* Bv, co
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n0 = w * tile, rows = std::min(N, n0 + tile) - n0;
       prefault_for_write(out + n0 * ldo, rows * ldo * static_cast<int64_t>(sizeof(scalar_t)));
-      pack_transposed<scalar_t, acc_t>(a + n0 * lda, lda, rows, packed.data(), tile);
+      const int64_t padded = (rows + unit - 1) / unit * unit;  // whole micro-tiles, whole transposes
+      pack_transposed<scalar_t, acc_t>(a + n0 * lda, lda, rows, padded, packed.data(), tile);
       for (int64_t i = 0; i < nrows; ++i) {
         // The blocks of the next block row, in slices, one per micro-tile of this row: with
         // many blocks they do not stay in L2 from one tile of rows to the next.
