@@ -14,6 +14,7 @@ Install with
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -56,7 +57,8 @@ def _extension():
     arch = os.environ.get("ENTSKIP_CPU_ARCH", "native")
     cxx = ["-O3"] + ([f"-march={arch}"] if arch else [])
     # torch's libgomp is already loaded when entskip._C is, so -fopenmp shares its thread pool.
-    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and os.name == "posix" else []
+    # Linux only: Apple clang has no -fopenmp, and MSVC spells it /openmp.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
     cxx += openmp
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     use_cuda = (

@@ -89,6 +89,63 @@ def test_cpu_dense_16bit_paths_match_reference(mode, kind, dtype, dim, monkeypat
     _check_against_reference(make_mapping(kind, dim, 8, seed=5, out_dim=out_dim), dtype, (3, 37), True)
 
 
+@pytest.mark.parametrize("mode", ["gemm", "blocks"])
+@pytest.mark.parametrize("d_out, d_in", [(64, 0), (0, 64)])
+def test_cpu_dense_16bit_zero_width(mode, d_out, d_in, monkeypatch, cpu_backend):
+    """A weight with a zero dimension is whole blocks of any size: the block kernel must not divide by 0."""
+    monkeypatch.setenv("ENTSKIP_CPU_DENSE_16BIT", mode)
+    x, w, r = torch.randn(4, d_in).bfloat16(), torch.randn(d_out, d_in).bfloat16(), torch.randn(4, d_out).bfloat16()
+    alpha = torch.tensor(0.5)
+    assert torch.equal(torch.ops.entskip.dense_skip_add(x, w, alpha, r), r)
+    dx, _, _ = torch.ops.entskip.dense_skip_add_backward(r, x, w, alpha, [True, False, False])
+    assert dx.shape == (4, d_in) and not dx.isnan().any() and (dx == 0).all()
+
+
+@pytest.mark.parametrize("block", [16, 8], ids=["micro_kernel", "generic"])
+def test_cpu_bsr_zero_input_width(block, cpu_backend):
+    """One block row, no block columns: y = branch, dx has no columns (no division by the width)."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    layout = (torch.tensor([0, 0]), empty, torch.tensor([0]), empty, empty)
+    x, r = torch.randn(4, 0), torch.randn(4, block)
+    values, alpha = torch.randn(0, block, block), torch.tensor(0.5)
+    assert torch.equal(torch.ops.entskip.bsr_skip_add(x, values, *layout, alpha, r), r)
+    dx, dv, _ = torch.ops.entskip.bsr_skip_add_backward(r, x, values, *layout, alpha, [True, True, False])
+    assert dx.shape == (4, 0) and dv.shape == (0, block, block)
+
+
+_FIRST_16BIT_CALL = """
+import os, torch, entskip
+os.environ.pop("ENTSKIP_CPU_DENSE_16BIT", None)
+x, w = torch.randn(8, 64).bfloat16(), torch.randn(64, 64).bfloat16()
+torch.manual_seed(0)
+expected = torch.randn(3)
+torch.manual_seed(0)
+casts = []
+for call in range(2):  # the first call measures the GEMMs, the second reuses the choice
+    with torch.profiler.profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+        entskip.skip_add(x, w)
+    casts.append(sum(e.name == "aten::_to_copy" for e in prof.events()))
+    if call == 0:
+        print("rng_untouched", torch.equal(torch.randn(3), expected))
+print("casts", *casts)
+"""
+
+
+@pytest.mark.skipif(not entskip.backends.native_available(), reason="entskip._C did not load")
+def test_cpu_dense_16bit_choice_leaves_the_user_rng_and_autocast_alone():
+    """The one-time measurement behind the 16-bit dense path (in a fresh process, where it runs)
+    uses constant operands, so the user's seed stream is unchanged, and runs below autocast, so
+    its float32 baseline is not cast to bfloat16: the first call casts no more than the second."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FIRST_16BIT_CALL], capture_output=True, text=True, check=True).stdout
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert lines["rng_untouched"] == "True"
+    first, second = map(int, lines["casts"].split())
+    assert first == second, f"the first call cast {first - second} more tensors: autocast reached the measurement"
+
+
 def test_cpu_dense_16bit_mode_is_checked(monkeypatch, cpu_backend):
     monkeypatch.setenv("ENTSKIP_CPU_DENSE_16BIT", "fast")
     x, w = torch.randn(4, 64).bfloat16(), torch.randn(64, 64).bfloat16()

@@ -113,7 +113,7 @@ void block_row_product_fixed(const scalar_t* a, int64_t lda, const acc_t* Bv, co
   constexpr int64_t unit = Blocking<acc_t, B>::kUnit;
   const int64_t ldo = nrows * B;
   // Tiles fit the L2 budget and are small enough to give every thread several.
-  const int64_t fit_units = kTileBytes / (unit * lda * static_cast<int64_t>(sizeof(acc_t)));
+  const int64_t fit_units = kTileBytes / (unit * std::max<int64_t>(lda, 1) * static_cast<int64_t>(sizeof(acc_t)));
   const int64_t parallel_units = (N + 4 * unit * at::get_num_threads() - 1) / (4 * unit * at::get_num_threads());
   const int64_t tile = unit * std::max<int64_t>(1, std::min(fit_units, parallel_units));
   const int64_t ntiles = (N + tile - 1) / tile;
@@ -147,7 +147,7 @@ template <typename scalar_t, typename acc_t>
 void block_row_product_any(const scalar_t* a, int64_t lda, const acc_t* B, const int64_t* ptr, const int64_t* idx,
                            int64_t nrows, int64_t b, int64_t N, acc_t alpha, const scalar_t* branch, scalar_t* out) {
   const int64_t ldo = nrows * b;
-  const int64_t tile = std::max<int64_t>(1, kTileBytes / (lda * static_cast<int64_t>(sizeof(scalar_t))));
+  const int64_t tile = std::max<int64_t>(1, kTileBytes / (std::max<int64_t>(lda, 1) * static_cast<int64_t>(sizeof(scalar_t))));
   const int64_t ntiles = (N + tile - 1) / tile;
   at::parallel_for(0, ntiles * nrows, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(b);

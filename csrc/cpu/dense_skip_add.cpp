@@ -7,6 +7,7 @@
 // residual add fused); see use_block_kernel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <chrono>
@@ -35,9 +36,14 @@ at::Tensor scaled_mm(const at::Tensor& m1, const at::Tensor& m2, double a) {
   return at::addmm_out(out, out, m1, m2, /*beta=*/0, /*alpha=*/a);  // beta = 0: out's contents are not read
 }
 
-// Seconds of the faster of two (m x k) @ (k x n) products in dtype t, after a warm-up.
+// Seconds of the faster of two (m x k) @ (k x n) products in dtype t, after a warm-up. The
+// operands are constant (the user's random generator is not touched) and the products run
+// below autocast and Python dispatch modes, whatever the caller has active.
 double time_mm(at::ScalarType t, int64_t m, int64_t k, int64_t n) {
-  const at::Tensor a = at::randn({m, k}).to(t), b = at::randn({k, n}).to(t);
+  const c10::impl::ExcludeDispatchKeyGuard plain(
+      c10::autocast_dispatch_keyset | c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
+  const at::Tensor a = at::full({m, k}, 0.5, at::TensorOptions().dtype(t));
+  const at::Tensor b = at::full({k, n}, 0.25, at::TensorOptions().dtype(t));
   double best = 1e30;
   for (int rep = 0; rep < 3; ++rep) {  // the first call warms up
     const auto start = std::chrono::steady_clock::now();
@@ -52,6 +58,9 @@ double time_mm(at::ScalarType t, int64_t m, int64_t k, int64_t n) {
 // (float32 arithmetic) rather than ATen's 16-bit GEMM: when ENTSKIP_CPU_DENSE_16BIT is
 // "blocks" (or "gemm": never); otherwise when a 256 x 1024 x 1024 product, measured
 // once per process and dtype (about 20 ms), is slower in that dtype than in float32.
+// The two paths round differently (float32 sums in another order), so where the measured
+// rates are close, different processes may pick different paths: pin one for bitwise
+// reproducibility across processes.
 bool use_block_kernel(at::ScalarType t) {
   if (const char* forced = std::getenv("ENTSKIP_CPU_DENSE_16BIT")) {
     if (std::strcmp(forced, "blocks") == 0) return true;
