@@ -66,14 +66,7 @@ template <typename T, int B, bool TRANSPOSED> struct TensorCoreRowMath {
   static_assert(WM % 16 == 0 && B % 16 == 0 && Tile::KC % 16 == 0, "m16n8k16 tiles");
   float acc[MT][NT][4];
 
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.f;
-  }
+  __device__ __forceinline__ void zero() { zero_array(acc); }
 
   __device__ __forceinline__ void step(const T* As, const T* Vs, int tid) {
     const int warp = tid / 32, lane = tid % 32;
@@ -127,12 +120,7 @@ template <typename T, int B, bool TRANSPOSED> struct SimtRowMath {
   static_assert(Tile::BM % RT == 0 && B % CT == 0, "whole micro-tiles");
   T acc[TM][TN];
 
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
-  }
+  __device__ __forceinline__ void zero() { zero_array(acc); }
 
   __device__ __forceinline__ void step(const T* As, const T* Vs, int tid) {
     const int ty = tid / CT, tx = tid % CT;

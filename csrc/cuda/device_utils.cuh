@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "launchers.h"
 
@@ -107,6 +108,18 @@ template <> __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], con
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Sets every element of a register array of any rank (accumulator fragments) to zero.
+template <typename E, int N> __device__ __forceinline__ void zero_array(E (&a)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if constexpr (std::is_array_v<E>) {
+      zero_array(a[i]);
+    } else {
+      a[i] = E(0);
+    }
+  }
 }
 
 // Calls fn(static_cast<T*>(nullptr)) with T the element type of dtype (the pointer deduces T).
