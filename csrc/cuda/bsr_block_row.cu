@@ -131,10 +131,7 @@ template <typename T, int B, bool TRANSPOSED> struct SimtRowMath {
       for (int i = 0; i < TM; ++i) a[i] = As[(ty + RT * i) * Tile::LDA + k];
 #pragma unroll
       for (int j = 0; j < TN; ++j) b[j] = TRANSPOSED ? Vs[k * Tile::LDV + tx + CT * j] : Vs[(tx + CT * j) * Tile::LDV + k];
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+      fma_outer(acc, a, b);
     }
   }
 

@@ -123,10 +123,7 @@ template <typename T, int B> struct SimtSampledMath {
       for (int i = 0; i < TM; ++i) a[i] = Gs[k * Tile::LD + ty + RT * i];
 #pragma unroll
       for (int j = 0; j < TN; ++j) b[j] = Xs[k * Tile::LD + tx + CT * j];
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+      fma_outer(acc, a, b);
     }
   }
 

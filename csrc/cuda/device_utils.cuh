@@ -122,6 +122,15 @@ template <typename E, int N> __device__ __forceinline__ void zero_array(E (&a)[N
   }
 }
 
+// acc[i][j] += a[i] * b[j]: one k-step of a SIMT outer-product micro-tile.
+template <typename T, int TM, int TN>
+__device__ __forceinline__ void fma_outer(T (&acc)[TM][TN], const T (&a)[TM], const T (&b)[TN]) {
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+}
+
 // Calls fn(static_cast<T*>(nullptr)) with T the element type of dtype (the pointer deduces T).
 template <typename Fn> void dispatch_scalar(Scalar dtype, Fn&& fn) {
   switch (dtype) {
