@@ -14,8 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
-#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
