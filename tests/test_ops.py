@@ -77,24 +77,26 @@ def test_cpu_backend_matches_reference(kind, block, dtype, lead, with_branch, po
 
 
 @pytest.mark.parametrize("dim", [128, 40], ids=["whole_blocks", "no_whole_blocks"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", ["orthogonal", "dense_rect", "dense_colmajor"])
 @pytest.mark.parametrize("mode", ["gemm", "blocks"])
-def test_cpu_dense_16bit_paths_match_reference(mode, kind, dtype, dim, monkeypatch, poisoned, cpu_backend):
-    """dense_skip_add.cpp runs 16-bit inputs through ATen's GEMM or, where that is slower than float32,
-    the block-row kernel over W's blocks (falling back to the GEMM when W has no whole 16/32/64 blocks):
-    both, forced by ENTSKIP_CPU_DENSE_16BIT, forward and gradients against the float64 reference."""
-    monkeypatch.setenv("ENTSKIP_CPU_DENSE_16BIT", mode)
+def test_cpu_dense_paths_match_reference(mode, kind, dtype, dim, monkeypatch, poisoned, cpu_backend):
+    """dense_skip_add.cpp runs y and dx through ATen's GEMM or, where that was slower, the block-row
+    kernel over W's blocks (falling back to the GEMM when W has no whole 16/32/64 blocks), and dW of
+    bfloat16 through the bfloat16 GEMM on the GEMM path: both, forced by ENTSKIP_CPU_DENSE_KERNEL,
+    forward and gradients against the float64 reference."""
+    monkeypatch.setenv("ENTSKIP_CPU_DENSE_KERNEL", mode)
     out_dim = dim + 64 if kind in RECT else dim
     _check_against_reference(make_mapping(kind, dim, 8, seed=5, out_dim=out_dim), dtype, (3, 37), True)
 
 
 @pytest.mark.parametrize("mode", ["gemm", "blocks"])
 @pytest.mark.parametrize("d_out, d_in", [(64, 0), (0, 64)])
-def test_cpu_dense_16bit_zero_width(mode, d_out, d_in, monkeypatch, cpu_backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_dense_zero_width(dtype, mode, d_out, d_in, monkeypatch, cpu_backend):
     """A weight with a zero dimension is whole blocks of any size: the block kernel must not divide by 0."""
-    monkeypatch.setenv("ENTSKIP_CPU_DENSE_16BIT", mode)
-    x, w, r = torch.randn(4, d_in).bfloat16(), torch.randn(d_out, d_in).bfloat16(), torch.randn(4, d_out).bfloat16()
+    monkeypatch.setenv("ENTSKIP_CPU_DENSE_KERNEL", mode)
+    x, w, r = (torch.randn(*shape).to(dtype) for shape in ((4, d_in), (d_out, d_in), (4, d_out)))
     alpha = torch.tensor(0.5)
     assert torch.equal(torch.ops.entskip.dense_skip_add(x, w, alpha, r), r)
     dx, _, _ = torch.ops.entskip.dense_skip_add_backward(r, x, w, alpha, [True, False, False])
@@ -113,43 +115,45 @@ def test_cpu_bsr_zero_input_width(block, cpu_backend):
     assert dx.shape == (4, 0) and dv.shape == (0, block, block)
 
 
-_FIRST_16BIT_CALL = """
+_FIRST_DENSE_CALLS = """
 import os, torch, entskip
-os.environ.pop("ENTSKIP_CPU_DENSE_16BIT", None)
-x, w = torch.randn(8, 64).bfloat16(), torch.randn(64, 64).bfloat16()
+os.environ.pop("ENTSKIP_CPU_DENSE_KERNEL", None)
+alpha = torch.tensor(1.0)
 torch.manual_seed(0)
 expected = torch.randn(3)
 torch.manual_seed(0)
+x, w = torch.full((8, 64), 0.5), torch.full((64, 64), 0.25)
 casts = []
-for call in range(2):  # the first call measures the GEMMs, the second reuses the choice
+for call in range(2):  # the first call measures the GEMM against the block kernel, the second reuses the choice
+    # The op itself (not entskip.skip_add, which casts first) under autocast: float32 reaches the kernel.
     with torch.profiler.profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
-        entskip.skip_add(x, w)
+        torch.ops.entskip.dense_skip_add(x, w, alpha, None)
     casts.append(sum(e.name == "aten::_to_copy" for e in prof.events()))
-    if call == 0:
-        print("rng_untouched", torch.equal(torch.randn(3), expected))
+entskip.skip_add(x.bfloat16(), w.bfloat16())  # the bfloat16 measurement
+print("rng_untouched", torch.equal(torch.randn(3), expected))
 print("casts", *casts)
 """
 
 
 @pytest.mark.skipif(not entskip.backends.native_available(), reason="entskip._C did not load")
-def test_cpu_dense_16bit_choice_leaves_the_user_rng_and_autocast_alone():
-    """The one-time measurement behind the 16-bit dense path (in a fresh process, where it runs)
-    uses constant operands, so the user's seed stream is unchanged, and runs below autocast, so
-    its float32 baseline is not cast to bfloat16: the first call casts no more than the second."""
+def test_cpu_dense_kernel_choice_leaves_the_user_rng_and_autocast_alone():
+    """The one-time measurements behind the dense path's choice (in a fresh process, where they run)
+    use constant operands, so the user's seed stream is unchanged, and run below autocast, so the
+    float32 products are not cast to bfloat16: the first call casts no more than the second."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _FIRST_16BIT_CALL], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", _FIRST_DENSE_CALLS], capture_output=True, text=True, check=True).stdout
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
     assert lines["rng_untouched"] == "True"
     first, second = map(int, lines["casts"].split())
     assert first == second, f"the first call cast {first - second} more tensors: autocast reached the measurement"
 
 
-def test_cpu_dense_16bit_mode_is_checked(monkeypatch, cpu_backend):
-    monkeypatch.setenv("ENTSKIP_CPU_DENSE_16BIT", "fast")
+def test_cpu_dense_kernel_mode_is_checked(monkeypatch, cpu_backend):
+    monkeypatch.setenv("ENTSKIP_CPU_DENSE_KERNEL", "fast")
     x, w = torch.randn(4, 64).bfloat16(), torch.randn(64, 64).bfloat16()
-    with pytest.raises(RuntimeError, match="ENTSKIP_CPU_DENSE_16BIT must be 'gemm', 'blocks' or empty"):
+    with pytest.raises(RuntimeError, match="ENTSKIP_CPU_DENSE_KERNEL must be 'gemm', 'blocks' or empty"):
         entskip.skip_add(x, w)
 
 

@@ -192,7 +192,7 @@ at::Tensor bsr_skip_add(const at::Tensor& x, const at::Tensor& values, const at:
   const double a = alpha_value(alpha);
   const at::Tensor xc = x.contiguous();
   const at::Tensor rc = branch.has_value() ? branch->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({x.size(0), s.nrows * s.block}, x.options());
+  at::Tensor out = empty_output({x.size(0), s.nrows * s.block}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "entskip_bsr_skip_add_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // B[k][c][j] = V_k[j][c]: the forward multiplies by V_k^T.
@@ -227,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsr_skip_add_backward(
       check_transpose(crow, col, ccol, row, perm);
       // Transposed order: block t of column j is V_{perm[t]}, used untransposed.
       const at::Tensor B = values.index_select(0, perm).to(acc_type).contiguous();
-      dx = at::empty_like(xc);
+      dx = empty_output(xc.sizes(), xc.options());
       block_row_product<scalar_t, acc_t>(gc.const_data_ptr<scalar_t>(), gc.size(1), B.const_data_ptr<acc_t>(),
                                          ccol.const_data_ptr<int64_t>(), row.const_data_ptr<int64_t>(), s.ncols,
                                          s.block, x.size(0), static_cast<acc_t>(a), nullptr,

@@ -29,17 +29,42 @@ inline void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.layout() == at::kStrided, name, " must be a strided (dense) tensor, got layout ", t.layout());
 }
 
-// Maps the pages of [p, p + bytes) writable before a kernel writes them. A fresh large
-// tensor comes from mmap, and its first write takes one trapped page fault per 4 KiB page;
-// MADV_POPULATE_WRITE (Linux 5.14) maps a whole range in one call at a fraction of that
-// cost, without touching the contents. Kernels call it per work item, so threads share the
-// work. Best effort: a no-op where unsupported or for small ranges.
+// Large outputs are fresh memory from mmap, and the first write to each 4 KiB page takes
+// a trapped page fault: for a 32 MiB output that costs more than the kernel's own memory
+// traffic. Two remedies, both local to the output's own pages (no process-wide policy):
+//  - advise_huge_pages asks for transparent huge pages (MADV_HUGEPAGE, honoured when the
+//    system's THP mode is "madvise" or "always"): one fault per 2 MiB. It must come before
+//    the first write; empty_output does it.
+//  - prefault_for_write maps a range writable in one call (MADV_POPULATE_WRITE, Linux 5.14)
+//    without touching its contents. Kernels call it per work item, so threads share the work.
+// Both are best effort: no-ops where unsupported or for small ranges.
+constexpr int64_t kHugePageBytes = int64_t{2} << 20;
+
+inline uintptr_t page_floor(const void* p) {
+#if defined(__linux__)
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  return reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+#else
+  return reinterpret_cast<uintptr_t>(p);
+#endif
+}
+
+inline void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes < 2 * kHugePageBytes) return;  // no whole aligned huge page would fit
+  const uintptr_t first = page_floor(p);
+  madvise(reinterpret_cast<void*>(first), reinterpret_cast<uintptr_t>(p) + bytes - first, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 inline void prefault_for_write(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
   constexpr int64_t kMinBytes = 64 * 1024;
   if (bytes < kMinBytes) return;
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t first = page_floor(p);
   madvise(reinterpret_cast<void*>(first), reinterpret_cast<uintptr_t>(p) + bytes - first, MADV_POPULATE_WRITE);
 #else
   (void)p;
@@ -47,15 +72,22 @@ inline void prefault_for_write(void* p, int64_t bytes) {
 #endif
 }
 
-// at::empty(sizes, options) with its pages mapped by prefault_for_write, in parallel
-// chunks: for outputs that a BLAS call, not an entskip kernel, writes.
-inline at::Tensor empty_prefaulted(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// at::empty(sizes, options) for an output that an entskip kernel writes, with huge pages
+// requested (advise_huge_pages) before anything touches it.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
-  constexpr int64_t kChunk = int64_t{1} << 21;
+  advise_huge_pages(t.data_ptr(), static_cast<int64_t>(t.nbytes()));
+  return t;
+}
+
+// empty_output with all its pages mapped by prefault_for_write, in parallel chunks: for
+// outputs that a BLAS call, not an entskip kernel, writes.
+inline at::Tensor empty_prefaulted(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = empty_output(sizes, options);
   char* const p = static_cast<char*>(t.data_ptr());
   const int64_t bytes = static_cast<int64_t>(t.nbytes());
-  at::parallel_for(0, (bytes + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
-    prefault_for_write(p + begin * kChunk, std::min(bytes, end * kChunk) - begin * kChunk);
+  at::parallel_for(0, (bytes + kHugePageBytes - 1) / kHugePageBytes, 1, [&](int64_t begin, int64_t end) {
+    prefault_for_write(p + begin * kHugePageBytes, std::min(bytes, end * kHugePageBytes) - begin * kHugePageBytes);
   });
   return t;
 }

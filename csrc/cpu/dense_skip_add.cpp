@@ -1,12 +1,15 @@
 // CPU implementation of the dense skip-add, y = alpha * (x @ W^T) + branch, and its
-// backward. A dense mapping is a GEMM, so both directions call the BLAS-backed ATen
-// GEMMs, with the scale and the residual add folded into addmm's epilogue, into outputs
-// whose pages are mapped beforehand (empty_prefaulted). For 16-bit inputs on CPUs whose
-// 16-bit GEMM is slower than their float32 GEMM (no AMX, e.g.), y and dx instead run the
-// block-row kernel of the BSR op over all the b x b blocks of W (float32 products, the
-// residual add fused); see use_block_kernel.
+// backward. A dense mapping is a GEMM; y and dx run whichever of two was faster on this
+// CPU for the dtype (use_block_kernel):
+//  - ATen's BLAS-backed GEMM, with the scale and the residual add folded into addmm's
+//    epilogue, into outputs whose pages are mapped beforehand (empty_prefaulted);
+//  - the block-row kernel of the BSR op over all the b x b blocks of W (float32 products,
+//    the residual add fused), where W is whole 16/32/64 blocks. It beats a BLAS whose
+//    16-bit GEMM is slower than its float32 one (no AMX or AVX512-BF16), and one that
+//    does not reach this CPU's float32 peak (MKL on AMD, e.g.).
+// float64 always runs the GEMM. dW is a GEMM over N in every case.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -36,48 +39,6 @@ at::Tensor scaled_mm(const at::Tensor& m1, const at::Tensor& m2, double a) {
   return at::addmm_out(out, out, m1, m2, /*beta=*/0, /*alpha=*/a);  // beta = 0: out's contents are not read
 }
 
-// Seconds of the faster of two (m x k) @ (k x n) products in dtype t, after a warm-up. The
-// operands are constant (the user's random generator is not touched) and the products run
-// below autocast and Python dispatch modes, whatever the caller has active.
-double time_mm(at::ScalarType t, int64_t m, int64_t k, int64_t n) {
-  const c10::impl::ExcludeDispatchKeyGuard plain(
-      c10::autocast_dispatch_keyset | c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
-  const at::Tensor a = at::full({m, k}, 0.5, at::TensorOptions().dtype(t));
-  const at::Tensor b = at::full({k, n}, 0.25, at::TensorOptions().dtype(t));
-  double best = 1e30;
-  for (int rep = 0; rep < 3; ++rep) {  // the first call warms up
-    const auto start = std::chrono::steady_clock::now();
-    at::mm(a, b);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (rep > 0) best = std::min(best, s);
-  }
-  return best;
-}
-
-// Whether the dense op on 16-bit inputs (bfloat16, float16) runs the block-row kernel
-// (float32 arithmetic) rather than ATen's 16-bit GEMM: when ENTSKIP_CPU_DENSE_16BIT is
-// "blocks" (or "gemm": never); otherwise when a 256 x 1024 x 1024 product, measured
-// once per process and dtype (about 20 ms), is slower in that dtype than in float32.
-// The two paths round differently (float32 sums in another order), so where the measured
-// rates are close, different processes may pick different paths: pin one for bitwise
-// reproducibility across processes.
-bool use_block_kernel(at::ScalarType t) {
-  if (const char* forced = std::getenv("ENTSKIP_CPU_DENSE_16BIT")) {
-    if (std::strcmp(forced, "blocks") == 0) return true;
-    if (std::strcmp(forced, "gemm") == 0) return false;
-    TORCH_CHECK(forced[0] == '\0', "ENTSKIP_CPU_DENSE_16BIT must be 'gemm', 'blocks' or empty, got '", forced, "'");
-  }
-  const auto slower = [](at::ScalarType dtype) {
-    return time_mm(dtype, 256, 1024, 1024) > time_mm(at::kFloat, 256, 1024, 1024);
-  };
-  if (t == at::kBFloat16) {
-    static const bool bf16 = slower(at::kBFloat16);
-    return bf16;
-  }
-  static const bool f16 = slower(at::kHalf);
-  return f16;
-}
-
 // The block size for which W (d_out x d_in) is whole blocks, 0 if none.
 int64_t full_block(int64_t d_out, int64_t d_in) {
   for (const int64_t b : {32, 64, 16})
@@ -103,22 +64,72 @@ at::Tensor block_kernel_mm(const at::Tensor& a, const at::Tensor& weight, double
   for (int64_t t = 0; t < nout * nin; ++t) idx[t] = t % nin;
   const at::Tensor ac = a.contiguous();
   const at::Tensor rc = branch.has_value() ? branch->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({a.size(0), nout * b}, a.options());
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(a.scalar_type(), "entskip_dense_block_kernel_cpu", [&] {
+  at::Tensor out = empty_output({a.size(0), nout * b}, a.options());
+  AT_DISPATCH_V2(a.scalar_type(), "entskip_dense_block_kernel_cpu", AT_WRAP([&] {
     block_row_product<scalar_t, float>(ac.const_data_ptr<scalar_t>(), ac.size(1), blocks.const_data_ptr<float>(),
                                        ptr.data(), idx.data(), nout, b, a.size(0), static_cast<float>(alpha),
                                        rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
                                        out.mutable_data_ptr<scalar_t>());
-  });
+  }), at::kFloat, at::kBFloat16, at::kHalf);
   return out;
+}
+
+// Seconds of the faster of two calls of fn, after a warm-up call.
+template <typename Fn>
+double best_seconds(Fn&& fn) {
+  fn();
+  double best = 1e30;
+  for (int rep = 0; rep < 2; ++rep) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
+
+// Whether the block-row kernel beats ATen's GEMM for y = x @ W^T in dtype t on a 512 x 1024
+// x 1024 product, measured once per process and dtype (about 50 ms in all). The operands are
+// constant (the user's random generator is not touched) and the products run below autocast
+// and Python dispatch modes, whatever the caller has active.
+bool block_kernel_is_faster(at::ScalarType t) {
+  const c10::impl::ExcludeDispatchKeyGuard plain(
+      c10::autocast_dispatch_keyset | c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
+  const at::Tensor x = at::full({512, 1024}, 0.5, at::TensorOptions().dtype(t));
+  const at::Tensor w = at::full({1024, 1024}, 0.25, at::TensorOptions().dtype(t));
+  const double gemm = best_seconds([&] { return at::mm(x, w.t()); });
+  const double blocks = best_seconds([&] { return block_kernel_mm(x, w, 1.0, c10::nullopt, false, 32); });
+  return blocks < gemm;
+}
+
+// Whether the dense op runs y and dx on the block-row kernel rather than ATen's GEMM for
+// inputs of dtype t: never for float64; for float32, bfloat16 and float16 as
+// ENTSKIP_CPU_DENSE_KERNEL says ("blocks" or "gemm"), else as block_kernel_is_faster measured.
+// The two paths round differently (float32 sums in another order), so where the measured
+// rates are close, different processes may pick different paths: pin one for bitwise
+// reproducibility across processes.
+bool use_block_kernel(at::ScalarType t) {
+  if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf) return false;
+  if (const char* forced = std::getenv("ENTSKIP_CPU_DENSE_KERNEL")) {
+    if (std::strcmp(forced, "blocks") == 0) return true;
+    if (std::strcmp(forced, "gemm") == 0) return false;
+    TORCH_CHECK(forced[0] == '\0', "ENTSKIP_CPU_DENSE_KERNEL must be 'gemm', 'blocks' or empty, got '", forced, "'");
+  }
+  if (t == at::kFloat) {
+    static const bool f32 = block_kernel_is_faster(at::kFloat);  // measured when first needed, once
+    return f32;
+  }
+  if (t == at::kBFloat16) {
+    static const bool bf16 = block_kernel_is_faster(at::kBFloat16);
+    return bf16;
+  }
+  static const bool f16 = block_kernel_is_faster(at::kHalf);
+  return f16;
 }
 
 // The block size to run the block-row kernel with for these inputs, 0 for the GEMM.
 int64_t block_kernel_block(const at::Tensor& x, const at::Tensor& weight) {
-  const auto t = x.scalar_type();
-  if (t != at::kBFloat16 && t != at::kHalf) return 0;
   const int64_t b = full_block(weight.size(0), weight.size(1));
-  return b != 0 && use_block_kernel(t) ? b : 0;
+  return b != 0 && use_block_kernel(x.scalar_type()) ? b : 0;
 }
 
 void check_dense(const at::Tensor& x, const at::Tensor& weight) {
@@ -161,9 +172,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at:
     dx = b != 0 ? block_kernel_mm(grad, weight, a, c10::nullopt, true, b) : scaled_mm(grad, weight, a);
   }
   if (output_mask[1] || output_mask[2]) {
-    // Reduced precisions accumulate the N-long reduction in float32.
-    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const at::Tensor s = at::mm(grad.t().to(acc), x.to(acc));
+    // s = grad^T @ x, an N-long reduction accumulated in float32 (float64 for float64).
+    // bfloat16 inputs, where ATen's bfloat16 GEMM beat the block kernel, use that GEMM
+    // (float32 accumulation inside, s rounded to bfloat16 like torch's own bfloat16
+    // autograd); other 16-bit inputs upcast to the float32 GEMM (a float16 s could overflow).
+    const auto t = x.scalar_type();
+    const at::Tensor s = t == at::kBFloat16 && !use_block_kernel(t)
+                             ? at::mm(grad.t(), x)
+                             : at::mm(grad.t().to(t == at::kDouble ? at::kDouble : at::kFloat),
+                                      x.to(t == at::kDouble ? at::kDouble : at::kFloat));
     if (output_mask[1]) dweight = s.mul(a).to(weight.scalar_type());
     if (output_mask[2]) dalpha = alpha_grad(s, weight, alpha);
   }
