@@ -77,7 +77,10 @@ inline void sampled_micro(const acc_t* g, const acc_t* x, int64_t rows, acc_t* S
     for (int v = 0; v < NV; ++v) acc[m][v] = simd::load<acc_t>(S + m * B + v * W);
   for (int64_t n = 0; n < rows; ++n) {
     V xv[NV];
-    for (int v = 0; v < NV; ++v) xv[v] = simd::load<acc_t>(x + n * B + v * W);
+    for (int v = 0; v < NV; ++v) {
+      xv[v] = simd::load<acc_t>(x + n * B + v * W);
+      simd::keep_in_register(xv[v]);
+    }
     simd::outer_product_step<MS, NV>(acc, g + n * B, xv);
   }
   for (int m = 0; m < MS; ++m)
