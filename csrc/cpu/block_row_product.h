@@ -19,7 +19,17 @@
 #include "common.h"
 #include "simd.h"
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace entskip::cpu {
+
+#if defined(__GNUC__)
+#define ENTSKIP_MICRO_KERNEL __attribute__((noinline))
+#else
+#define ENTSKIP_MICRO_KERNEL
+#endif
 
 // Bytes of packed input rows a work item aims to keep in L2.
 constexpr int64_t kTileBytes = 256 * 1024;
@@ -55,17 +65,11 @@ void pack_transposed(const scalar_t* a, int64_t lda, int64_t rows, int64_t padde
   }
 }
 
-// out[m, :B] = alpha * sum_{t in [t0, t1)} A[m, idx[t]*B : +B] @ Bv[t] (+ branch[m, :B]) for m < min(rows, MR),
-// where A[m, col] = P[col * ldp + m] (the packed transpose of the input rows): the MR values
-// broadcast at each step are adjacent. All MR x B accumulators stay in registers across
-// every block of the row; rows from `rows` to MR - 1 (zero padding of P) are computed, not stored.
-template <typename scalar_t, typename acc_t, int B, int MR>
-inline void block_row_micro(const acc_t* P, int64_t ldp, const acc_t* Bv, const int64_t* idx, int64_t t0,
-                            int64_t t1, acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out, int64_t rows) {
-  using V = simd::Vec<acc_t>;
-  constexpr int W = Blocking<acc_t, B>::W, NV = Blocking<acc_t, B>::NV;
-  // The branch and output rows are touched only by the epilogue: request them now so
-  // that their cache misses overlap the products instead of stalling the stores.
+// The branch and output rows of a micro-tile (min(rows, MR) rows of B elements, leading
+// dimension ldo) are touched only by its epilogue: requesting them before the products
+// overlaps their cache misses with the arithmetic instead of stalling the stores.
+template <typename scalar_t, int B, int MR>
+inline void prefetch_micro_tile(const scalar_t* branch, int64_t ldo, scalar_t* out, int64_t rows) {
   constexpr int kLine = 64;
   for (int m = 0; m < MR && m < rows; ++m) {
     for (int e = 0; e < B * static_cast<int>(sizeof(scalar_t)); e += kLine) {
@@ -73,6 +77,40 @@ inline void block_row_micro(const acc_t* P, int64_t ldp, const acc_t* Bv, const 
       __builtin_prefetch(reinterpret_cast<const char*>(out + m * ldo) + e, 1);
     }
   }
+}
+
+// out[m, :B] = alpha * acc[m] (+ branch[m, :B]) for m < min(rows, MR): the epilogue of a micro-tile.
+template <typename scalar_t, typename acc_t, int B, int MR>
+inline void store_micro_tile(const simd::Vec<acc_t> (&acc)[MR][B / simd::Simd<acc_t>::W], acc_t alpha,
+                             const scalar_t* branch, int64_t ldo, scalar_t* out, int64_t rows) {
+  using V = simd::Vec<acc_t>;
+  constexpr int W = simd::Simd<acc_t>::W, NV = B / W;
+  const V va = simd::broadcast(alpha);
+  for (int m = 0; m < MR; ++m) {
+    if (m >= rows) break;
+    for (int v = 0; v < NV; ++v) {
+      V y = va * acc[m][v];
+      if (branch != nullptr) y += simd::load<acc_t>(branch + m * ldo + v * W);
+      simd::store<acc_t>(out + m * ldo + v * W, y);
+    }
+  }
+}
+
+// out[m, :B] = alpha * sum_{t in [t0, t1)} A[m, idx[t]*B : +B] @ Bv[t] (+ branch[m, :B]) for m < min(rows, MR),
+// where A[m, col] = P[col * ldp + m] (the packed transpose of the input rows): the MR values
+// broadcast at each step are adjacent. All MR x B accumulators stay in registers across
+// every block of the row; rows from `rows` to MR - 1 (zero padding of P) are computed, not stored.
+//
+// Micro-kernels are never inlined (ENTSKIP_MICRO_KERNEL): the compiler may contract a * b + c
+// into an FMA differently in each inlined copy, and at::parallel_for has two call sites (a
+// serial one for one thread, an OpenMP one), so inlined copies made results depend on the
+// thread count in the last bit. One out-of-line copy computes every row the same way.
+template <typename scalar_t, typename acc_t, int B, int MR>
+ENTSKIP_MICRO_KERNEL void block_row_micro(const acc_t* P, int64_t ldp, const acc_t* Bv, const int64_t* idx, int64_t t0,
+                            int64_t t1, acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out, int64_t rows) {
+  using V = simd::Vec<acc_t>;
+  constexpr int W = Blocking<acc_t, B>::W, NV = Blocking<acc_t, B>::NV;
+  prefetch_micro_tile<scalar_t, B, MR>(branch, ldo, out, rows);
   V acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = V{};
@@ -85,57 +123,135 @@ inline void block_row_micro(const acc_t* P, int64_t ldp, const acc_t* Bv, const 
       simd::outer_product_step<MR, NV>(acc, At + c * ldp, bv);
     }
   }
-  const V va = simd::broadcast(alpha);
-  for (int m = 0; m < MR; ++m) {
-    if (m >= rows) break;
-    for (int v = 0; v < NV; ++v) {
-      V y = va * acc[m][v];
-      if (branch != nullptr) y += simd::load<acc_t>(branch + m * ldo + v * W);
-      simd::store<acc_t>(out + m * ldo + v * W, y);
-    }
-  }
+  store_micro_tile<scalar_t, acc_t, B, MR>(acc, alpha, branch, ldo, out, rows);
 }
 
-// out[n, i*b : (i+1)*b] = alpha * sum_{t = ptr[i]}^{ptr[i+1]-1} a[n, idx[t]*b : +b] @ B[t] (+ branch[n, ...])
-// a: (N, lda) row-major; B: (nnz, b, b) row-major in the accumulation type, B[t][c][j]
-// maps input feature c of the block to output feature j; out, branch: (N, nrows * b).
-//
-// A thread owns a tile of rows at a time: it packs the tile's input rows, transposed and
-// widened to the accumulation type, into a per-thread buffer that stays in L2, then
-// applies every output block row from there, reading the branch and writing each output
-// element once. Memory sees each input, branch and output row once. The tile's output
-// rows are mapped (prefault_for_write) before they are written.
+#if defined(__AVX512BF16__)
+// The same product for bfloat16 inputs with AVX512-BF16 dot products: each vdpbf16ps adds,
+// in float32, the products of two consecutive input features (exact: a product of two
+// bfloat16 fits a float32), so one instruction does the work of two float32 FMAs.
+// Operands are bfloat16 pairs held in 32-bit words: P[k * ldp + m] holds (A[m, 2k],
+// A[m, 2k + 1]) (the packed transpose of the input rows, taken as 32-bit words), and
+// Bp[t][k][j] holds (B_t[2k][j], B_t[2k + 1][j]), the lower feature in the lower half.
+template <int B, int MR>
+ENTSKIP_MICRO_KERNEL void block_row_micro_bf16_pairs(const float* P, int64_t ldp, const uint32_t* Bp, const int64_t* idx,
+                                       int64_t t0, int64_t t1, float alpha, const c10::BFloat16* branch, int64_t ldo,
+                                       c10::BFloat16* out, int64_t rows) {
+  constexpr int W = Blocking<float, B>::W, NV = Blocking<float, B>::NV, H = B / 2;
+  prefetch_micro_tile<c10::BFloat16, B, MR>(branch, ldo, out, rows);
+  simd::Vec<float> acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = simd::Vec<float>{};
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint32_t* Bt = Bp + t * H * B;
+    const float* At = P + idx[t] * H * ldp;
+    for (int k = 0; k < H; ++k) {
+      __m512bh bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(Bt + k * B + v * W);
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh am = (__m512bh)_mm512_set1_ps(At[k * ldp + m]);
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], am, bv[v]);
+      }
+    }
+  }
+  store_micro_tile<c10::BFloat16, float, B, MR>(acc, alpha, branch, ldo, out, rows);
+}
+#endif
+
+// How block_row_product_fixed stores a tile of input rows and the blocks for its micro-kernel.
+// Widened: P[col][n] = a[n][col] and B[t][c][j], both in the accumulation type.
 template <typename scalar_t, typename acc_t, int B>
-void block_row_product_fixed(const scalar_t* a, int64_t lda, const acc_t* Bv, const int64_t* ptr,
+struct WidenedOperands {
+  using packed_t = acc_t;
+  using block_t = acc_t;
+  static constexpr int MR = Blocking<acc_t, B>::MR;
+  static constexpr int64_t kUnit = Blocking<acc_t, B>::kUnit;
+  static constexpr int64_t kBlockElems = int64_t{B} * B;  // block_t per block
+  static int64_t packed_cols(int64_t lda) { return lda; }
+  static void pack(const scalar_t* a, int64_t lda, int64_t rows, int64_t padded, packed_t* P, int64_t ldp) {
+    pack_transposed<scalar_t, acc_t>(a, lda, rows, padded, P, ldp);
+  }
+  static void micro(const packed_t* P, int64_t ldp, const block_t* Bv, const int64_t* idx, int64_t t0, int64_t t1,
+                    acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out, int64_t rows) {
+    block_row_micro<scalar_t, acc_t, B, MR>(P, ldp, Bv, idx, t0, t1, alpha, branch, ldo, out, rows);
+  }
+};
+
+#if defined(__AVX512BF16__)
+// bfloat16 pairs for block_row_micro_bf16_pairs (B >= 32, so that a block's B / 2 words per
+// row are whole SIMD vectors): the tile packed as the transpose of its rows taken as 32-bit
+// words (the bits are moved, never converted), the blocks as pairs of feature rows.
+template <int B>
+struct Bf16PairOperands {
+  static_assert(B >= 32, "a block row must be whole vectors of 32-bit words");
+  using packed_t = float;  // bit patterns of bfloat16 pairs
+  using block_t = uint32_t;
+  static constexpr int MR = Blocking<float, B>::MR;
+  static constexpr int64_t kUnit = Blocking<float, B>::kUnit;
+  static constexpr int64_t kBlockElems = int64_t{B} * B / 2;
+  static int64_t packed_cols(int64_t lda) { return lda / 2; }
+  static void pack(const c10::BFloat16* a, int64_t lda, int64_t rows, int64_t padded, packed_t* P, int64_t ldp) {
+    pack_transposed<float, float>(reinterpret_cast<const float*>(a), lda / 2, rows, padded, P, ldp);
+  }
+  static void micro(const packed_t* P, int64_t ldp, const block_t* Bp, const int64_t* idx, int64_t t0, int64_t t1,
+                    float alpha, const c10::BFloat16* branch, int64_t ldo, c10::BFloat16* out, int64_t rows) {
+    block_row_micro_bf16_pairs<B, MR>(P, ldp, Bp, idx, t0, t1, alpha, branch, ldo, out, rows);
+  }
+  // Bp[t][k][j] = (bf16(Bv[t][2k][j]), bf16(Bv[t][2k + 1][j])) for the nnz float32 blocks Bv.
+  static std::vector<uint32_t> blocks(const float* Bv, int64_t nnz) {
+    std::vector<uint32_t> Bp(nnz * kBlockElems);
+    const auto bits = [](float f) { return static_cast<uint32_t>(c10::BFloat16(f).x); };
+    for (int64_t t = 0; t < nnz; ++t)
+      for (int k = 0; k < B / 2; ++k)
+        for (int j = 0; j < B; ++j) {
+          const float* src = Bv + (t * B + 2 * k) * B + j;
+          Bp[t * kBlockElems + k * B + j] = bits(src[0]) | bits(src[B]) << 16;
+        }
+    return Bp;
+  }
+};
+#endif
+
+// out[n, i*b : (i+1)*b] = alpha * sum_{t = ptr[i]}^{ptr[i+1]-1} a[n, idx[t]*b : +b] @ B[t] (+ branch[n, ...])
+// a: (N, lda) row-major; Bv: the nnz blocks in Ops' format (B[t][c][j] maps input feature c of
+// the block to output feature j); out, branch: (N, nrows * b).
+//
+// A thread owns a tile of rows at a time: it packs the tile's input rows, transposed (Ops::pack),
+// into a per-thread buffer that stays in L2, then applies every output block row from there,
+// reading the branch and writing each output element once. Memory sees each input, branch and
+// output row once. The tile's output rows are mapped (prefault_for_write) before they are written.
+template <typename scalar_t, typename acc_t, int B, typename Ops>
+void block_row_product_fixed(const scalar_t* a, int64_t lda, const typename Ops::block_t* Bv, const int64_t* ptr,
                              const int64_t* idx, int64_t nrows, int64_t N, acc_t alpha, const scalar_t* branch,
                              scalar_t* out) {
-  constexpr int MR = Blocking<acc_t, B>::MR;
-  constexpr int64_t unit = Blocking<acc_t, B>::kUnit;
-  const int64_t ldo = nrows * B;
+  using packed_t = typename Ops::packed_t;
+  constexpr int MR = Ops::MR;
+  constexpr int64_t unit = Ops::kUnit, block_bytes = Ops::kBlockElems * sizeof(typename Ops::block_t);
+  const int64_t ldo = nrows * B, cols = Ops::packed_cols(lda);
   // Tiles fit the L2 budget and are small enough to give every thread several.
-  const int64_t fit_units = kTileBytes / (unit * std::max<int64_t>(lda, 1) * static_cast<int64_t>(sizeof(acc_t)));
+  const int64_t fit_units = kTileBytes / (unit * std::max<int64_t>(cols, 1) * static_cast<int64_t>(sizeof(packed_t)));
   const int64_t parallel_units = (N + 4 * unit * at::get_num_threads() - 1) / (4 * unit * at::get_num_threads());
   const int64_t tile = unit * std::max<int64_t>(1, std::min(fit_units, parallel_units));
   const int64_t ntiles = (N + tile - 1) / tile;
   at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> packed(tile * lda);
+    std::vector<packed_t> packed(tile * cols);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n0 = w * tile, rows = std::min(N, n0 + tile) - n0;
       prefault_for_write(out + n0 * ldo, rows * ldo * static_cast<int64_t>(sizeof(scalar_t)));
       const int64_t padded = (rows + unit - 1) / unit * unit;  // whole micro-tiles, whole transposes
-      pack_transposed<scalar_t, acc_t>(a + n0 * lda, lda, rows, padded, packed.data(), tile);
+      Ops::pack(a + n0 * lda, lda, rows, padded, packed.data(), tile);
       for (int64_t i = 0; i < nrows; ++i) {
         // The blocks of the next block row, in slices, one per micro-tile of this row: with
         // many blocks they do not stay in L2 from one tile of rows to the next.
-        const char* next = reinterpret_cast<const char*>(Bv + (i + 1 < nrows ? ptr[i + 1] : ptr[0]) * B * B);
-        const int64_t next_bytes = (i + 1 < nrows ? ptr[i + 2] - ptr[i + 1] : ptr[1] - ptr[0]) * B * B * sizeof(acc_t);
+        const int64_t next_first = i + 1 < nrows ? ptr[i + 1] : ptr[0];
+        const char* next = reinterpret_cast<const char*>(Bv + next_first * Ops::kBlockElems);
+        const int64_t next_bytes = ((i + 1 < nrows ? ptr[i + 2] : ptr[1]) - next_first) * block_bytes;
         const int64_t slice = (next_bytes + (rows + MR - 1) / MR - 1) / ((rows + MR - 1) / MR);
         for (int64_t m = 0, p = 0; m < rows; m += MR, p += slice) {
           for (int64_t e = p; e < std::min(p + slice, next_bytes); e += 64) __builtin_prefetch(next + e, 0);
           const int64_t first = (n0 + m) * ldo + i * B;
-          block_row_micro<scalar_t, acc_t, B, MR>(packed.data() + m, tile, Bv, idx, ptr[i], ptr[i + 1], alpha,
-                                                  branch != nullptr ? branch + first : nullptr, ldo, out + first,
-                                                  rows - m);
+          Ops::micro(packed.data() + m, tile, Bv, idx, ptr[i], ptr[i + 1], alpha,
+                     branch != nullptr ? branch + first : nullptr, ldo, out + first, rows - m);
         }
       }
     }
@@ -189,7 +305,17 @@ template <typename scalar_t, typename acc_t>
 void block_row_product(const scalar_t* a, int64_t lda, const acc_t* B, const int64_t* ptr, const int64_t* idx,
                        int64_t nrows, int64_t b, int64_t N, acc_t alpha, const scalar_t* branch, scalar_t* out) {
   const bool done = with_fixed_block(b, [&](auto block) {
-    block_row_product_fixed<scalar_t, acc_t, decltype(block)::value>(a, lda, B, ptr, idx, nrows, N, alpha, branch, out);
+    constexpr int kB = decltype(block)::value;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kB >= 32) {
+      using Ops = Bf16PairOperands<kB>;
+      const std::vector<uint32_t> pairs = Ops::blocks(B, ptr[nrows]);
+      block_row_product_fixed<scalar_t, acc_t, kB, Ops>(a, lda, pairs.data(), ptr, idx, nrows, N, alpha, branch, out);
+      return;
+    }
+#endif
+    using Ops = WidenedOperands<scalar_t, acc_t, kB>;
+    block_row_product_fixed<scalar_t, acc_t, kB, Ops>(a, lda, B, ptr, idx, nrows, N, alpha, branch, out);
   });
   if (!done) block_row_product_any<scalar_t, acc_t>(a, lda, B, ptr, idx, nrows, b, N, alpha, branch, out);
 }

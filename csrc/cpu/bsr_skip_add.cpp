@@ -69,7 +69,7 @@ void check_transpose(const at::Tensor& crow, const at::Tensor& col, const at::Te
 // S[m, :B] += sum_{n < rows} g[n, m] * x[n, :B] for m < MS (accumulators in registers);
 // g and x are contiguous (rows, B) panels.
 template <typename acc_t, int B, int MS>
-inline void sampled_micro(const acc_t* g, const acc_t* x, int64_t rows, acc_t* S) {
+ENTSKIP_MICRO_KERNEL void sampled_micro(const acc_t* g, const acc_t* x, int64_t rows, acc_t* S) {
   using V = simd::Vec<acc_t>;
   constexpr int W = Blocking<acc_t, B>::W, NV = Blocking<acc_t, B>::NV;
   V acc[MS][NV];
