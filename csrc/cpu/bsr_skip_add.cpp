@@ -14,6 +14,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -87,18 +89,83 @@ ENTSKIP_MICRO_KERNEL void sampled_micro(const acc_t* g, const acc_t* x, int64_t 
     for (int v = 0; v < NV; ++v) simd::store<acc_t>(S + m * B + v * W, acc[m][v]);
 }
 
+// How sampled_blocks_fixed packs rows of g and x into panels for its micro-kernel.
+// Widened: one panel row per row of N, B values in the accumulation type.
+template <typename scalar_t, typename acc_t, int B>
+struct SampledWidened {
+  using panel_t = acc_t;
+  static constexpr int kRowsPerStep = 1;  // rows of N per panel row
+  static constexpr int MS = Blocking<acc_t, B>::MS;
+  // dst[:B] = row0[:B] (row1 is unused).
+  static void pack(panel_t* dst, const scalar_t* row0, const scalar_t* /*row1*/) {
+    for (int v = 0; v < B; v += Blocking<acc_t, B>::W) simd::store<acc_t>(dst + v, simd::load<acc_t>(row0 + v));
+  }
+  static void micro(const panel_t* g, const panel_t* x, int64_t steps, acc_t* S) {
+    sampled_micro<acc_t, B, MS>(g, x, steps, S);
+  }
+};
+
+#if defined(__AVX512BF16__)
+// S[m, :B] += sum_{q < steps} g[2q, m] * x[2q, :B] + g[2q + 1, m] * x[2q + 1, :B] for m < MS, with
+// AVX512-BF16 dot products (see block_row_micro_bf16_pairs): g and x are (steps, B) panels of
+// 32-bit words, each the bfloat16 pair of two consecutive rows of N.
+template <int B, int MS>
+ENTSKIP_MICRO_KERNEL void sampled_micro_bf16_pairs(const uint32_t* g, const uint32_t* x, int64_t steps, float* S) {
+  constexpr int W = Blocking<float, B>::W, NV = Blocking<float, B>::NV;
+  simd::Vec<float> acc[MS][NV];
+  for (int m = 0; m < MS; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = simd::load<float>(S + m * B + v * W);
+  for (int64_t q = 0; q < steps; ++q) {
+    __m512bh xv[NV];
+    for (int v = 0; v < NV; ++v) {
+      xv[v] = (__m512bh)_mm512_loadu_si512(x + q * B + v * W);
+      simd::keep_in_register(xv[v]);
+    }
+    for (int m = 0; m < MS; ++m) {
+      const __m512bh gm = (__m512bh)_mm512_set1_epi32(static_cast<int>(g[q * B + m]));
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], gm, xv[v]);
+    }
+  }
+  for (int m = 0; m < MS; ++m)
+    for (int v = 0; v < NV; ++v) simd::store<float>(S + m * B + v * W, acc[m][v]);
+}
+
+// bfloat16 pairs: one panel row per two rows of N, word j = (row0[j], row1[j]), the first
+// row in the lower half (row1 = nullptr, past the end of N, counts as zeros).
+template <int B>
+struct SampledBf16Pairs {
+  using panel_t = uint32_t;
+  static constexpr int kRowsPerStep = 2;
+  static constexpr int MS = Blocking<float, B>::MS;
+  static void pack(panel_t* dst, const c10::BFloat16* row0, const c10::BFloat16* row1) {
+    using simd::U16x16, simd::U32x16;
+    for (int v = 0; v < B; v += 16) {
+      U16x16 lo, hi{};
+      std::memcpy(&lo, row0 + v, sizeof(lo));
+      if (row1 != nullptr) std::memcpy(&hi, row1 + v, sizeof(hi));
+      const U32x16 words = __builtin_convertvector(lo, U32x16) | __builtin_convertvector(hi, U32x16) << 16;
+      std::memcpy(dst + v, &words, sizeof(words));
+    }
+  }
+  static void micro(const panel_t* g, const panel_t* x, int64_t steps, float* S) {
+    sampled_micro_bf16_pairs<B, MS>(g, x, steps, S);
+  }
+};
+#endif
+
 // Bytes of the packed panels of g and x that one chunk of N keeps in L2.
 constexpr int64_t kSampledBytes = 512 * 1024;
 
 // S[k] = g[:, row(k)*B : +B]^T @ x[:, col[k]*B : +B] for the blocks k in [begin, end), whose
 // block rows are row_of[k]. N is walked in chunks. For each chunk the thread first packs,
 // reading each row of g and x once and in order, the block columns its blocks use into
-// contiguous (rows, B) panels in the accumulation type; then every block runs its MS-row
-// strips of S over its two panels, which stay in L1.
-template <typename scalar_t, typename acc_t, int B>
+// contiguous panels (Ops::pack); then every block runs its MS-row strips of S over its two
+// panels, which stay in L1.
+template <typename scalar_t, typename acc_t, int B, typename Ops>
 void sampled_blocks_fixed(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, const int64_t* row_of,
                           const int64_t* col, int64_t begin, int64_t end, int64_t N, acc_t* S) {
-  constexpr int MS = Blocking<acc_t, B>::MS, W = Blocking<acc_t, B>::W;
+  using panel_t = typename Ops::panel_t;
+  constexpr int MS = Ops::MS, step = Ops::kRowsPerStep;
   // The block columns of x used here (sorted) and the panel of each; the block rows of g
   // used here are the consecutive row_of[begin] .. row_of[end - 1].
   std::vector<int64_t> x_cols(col + begin, col + end);
@@ -109,25 +176,27 @@ void sampled_blocks_fixed(const scalar_t* g, int64_t ldg, const scalar_t* x, int
     x_panel[k - begin] = std::lower_bound(x_cols.begin(), x_cols.end(), col[k]) - x_cols.begin();
   const int64_t g_first = row_of[begin], g_count = row_of[end - 1] - g_first + 1;
   const int64_t npanels = static_cast<int64_t>(x_cols.size()) + g_count;
-  const int64_t chunk = std::clamp<int64_t>(kSampledBytes / (npanels * B * static_cast<int64_t>(sizeof(acc_t))), 8, 64);
-  std::vector<acc_t> panels(npanels * chunk * B);
-  acc_t* const xp = panels.data();
-  acc_t* const gp = panels.data() + static_cast<int64_t>(x_cols.size()) * chunk * B;
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t rows = std::min(N - n0, chunk);
-    for (int64_t n = 0; n < rows; ++n) {
-      const scalar_t* xn = x + (n0 + n) * ldx;
+  // Panel rows per chunk (each covers `step` rows of N).
+  const int64_t chunk = std::clamp<int64_t>(kSampledBytes / (npanels * B * static_cast<int64_t>(sizeof(panel_t))), 8, 64);
+  std::vector<panel_t> panels(npanels * chunk * B);
+  panel_t* const xp = panels.data();
+  panel_t* const gp = panels.data() + static_cast<int64_t>(x_cols.size()) * chunk * B;
+  for (int64_t n0 = 0; n0 < N; n0 += chunk * step) {
+    const int64_t steps = (std::min(N - n0, chunk * step) + step - 1) / step;
+    for (int64_t q = 0; q < steps; ++q) {
+      const int64_t n = n0 + q * step;
+      const bool second = step == 2 && n + 1 < N;
+      const scalar_t *xn = x + n * ldx, *gn = g + n * ldg + g_first * B;
       for (size_t p = 0; p < x_cols.size(); ++p)
-        for (int v = 0; v < B; v += W) simd::store<acc_t>(xp + (p * chunk + n) * B + v, simd::load<acc_t>(xn + x_cols[p] * B + v));
-      const scalar_t* gn = g + (n0 + n) * ldg + g_first * B;
+        Ops::pack(xp + (p * chunk + q) * B, xn + x_cols[p] * B, second ? xn + ldx + x_cols[p] * B : nullptr);
       for (int64_t p = 0; p < g_count; ++p)
-        for (int v = 0; v < B; v += W) simd::store<acc_t>(gp + (p * chunk + n) * B + v, simd::load<acc_t>(gn + p * B + v));
+        Ops::pack(gp + (p * chunk + q) * B, gn + p * B, second ? gn + ldg + p * B : nullptr);
     }
     for (int64_t k = begin; k < end; ++k) {
-      const acc_t* gk = gp + (row_of[k] - g_first) * chunk * B;
-      const acc_t* xk = xp + x_panel[k - begin] * chunk * B;
+      const panel_t* gk = gp + (row_of[k] - g_first) * chunk * B;
+      const panel_t* xk = xp + x_panel[k - begin] * chunk * B;
       acc_t* Sk = S + k * B * B;
-      for (int r0 = 0; r0 < B; r0 += MS) sampled_micro<acc_t, B, MS>(gk + r0, xk, rows, Sk + r0 * B);
+      for (int r0 = 0; r0 < B; r0 += MS) Ops::micro(gk + r0, xk, steps, Sk + r0 * B);
     }
   }
 }
@@ -169,8 +238,16 @@ void sampled_gradient(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t
   at::parallel_for(0, nnzb, 1, [&](int64_t begin, int64_t end) {
     std::fill(S + begin * b * b, S + end * b * b, acc_t(0));
     const bool done = with_fixed_block(b, [&](auto block) {
-      sampled_blocks_fixed<scalar_t, acc_t, decltype(block)::value>(g, ldg, x, ldx, row_of.data(), col, begin, end,
-                                                                     N, S);
+      constexpr int kB = decltype(block)::value;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        sampled_blocks_fixed<scalar_t, acc_t, kB, SampledBf16Pairs<kB>>(g, ldg, x, ldx, row_of.data(), col, begin,
+                                                                        end, N, S);
+        return;
+      }
+#endif
+      sampled_blocks_fixed<scalar_t, acc_t, kB, SampledWidened<scalar_t, acc_t, kB>>(g, ldg, x, ldx, row_of.data(),
+                                                                                     col, begin, end, N, S);
     });
     if (!done) sampled_blocks_any<scalar_t, acc_t>(g, ldg, x, ldx, row_of.data(), col, begin, end, b, N, S);
   });
