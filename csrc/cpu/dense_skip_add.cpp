@@ -87,14 +87,16 @@ double best_seconds(Fn&& fn) {
   return best;
 }
 
-// Whether the block-row kernel beats ATen's GEMM for y = x @ W^T in dtype t on a 512 x 1024
-// x 1024 product, measured once per process and dtype (about 50 ms in all). The operands are
+// Whether the block-row kernel beats ATen's GEMM for y = x @ W^T in dtype t on a 2048 x 1024
+// x 1024 product, measured once per process and dtype (0.1-0.2 s in all; at 512 rows the block
+// kernel's per-call cost, reordering W, still weighed enough to pick a GEMM that was slower at
+// 8192 rows). The operands are
 // constant (the user's random generator is not touched) and the products run below autocast
 // and Python dispatch modes, whatever the caller has active.
 bool block_kernel_is_faster(at::ScalarType t) {
   const c10::impl::ExcludeDispatchKeyGuard plain(
       c10::autocast_dispatch_keyset | c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
-  const at::Tensor x = at::full({512, 1024}, 0.5, at::TensorOptions().dtype(t));
+  const at::Tensor x = at::full({2048, 1024}, 0.5, at::TensorOptions().dtype(t));
   const at::Tensor w = at::full({1024, 1024}, 0.25, at::TensorOptions().dtype(t));
   const double gemm = best_seconds([&] { return at::mm(x, w.t()); });
   const double blocks = best_seconds([&] { return block_kernel_mm(x, w, 1.0, c10::nullopt, false, 32); });

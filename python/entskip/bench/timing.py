@@ -31,8 +31,14 @@ class Settings:
 
     @staticmethod
     def for_device(device: torch.device, repeats: int, budget_s: float) -> Settings:
-        """Settings with the device's warm-up: 10 calls on CUDA, 1 on the CPU (plus ``WARMUP_S``)."""
-        return Settings(repeats, warmup=10 if torch.device(device).type == "cuda" else 1, budget_s=budget_s)
+        """Settings with the device's warm-up: 10 calls on CUDA, 5 on the CPU (plus ``WARMUP_S``).
+
+        On the CPU the first calls of a new shape touch fresh memory: under a hypervisor the
+        first use of a huge page of guest memory costs the host's page faults too, which made
+        the first 3-4 calls of a case several times slower than the rest (seen on the 2-vCPU
+        development machines), so one warm-up call left them among the samples.
+        """
+        return Settings(repeats, warmup=10 if torch.device(device).type == "cuda" else 5, budget_s=budget_s)
 
     def as_dict(self) -> dict:
         return {
