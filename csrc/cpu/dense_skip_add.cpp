@@ -3,7 +3,7 @@
 // CPU for the dtype (use_block_kernel):
 //  - ATen's BLAS-backed GEMM, with the scale and the residual add folded into addmm's
 //    epilogue, into outputs whose pages are mapped beforehand (empty_prefaulted);
-//  - the block-row kernel of the BSR op over all the b x b blocks of W (float32 products,
+//  - the block-row kernel of the BSR op over all the b x b blocks of W (float32 accumulation,
 //    the residual add fused), where W is whole 16/32/64 blocks. It beats a BLAS whose
 //    16-bit GEMM is slower than its float32 one (no AMX or AVX512-BF16), and one that
 //    does not reach this CPU's float32 peak (MKL on AMD, e.g.).
