@@ -40,35 +40,31 @@ inline void check_cpu(const at::Tensor& t, const char* name) {
 // Both are best effort: no-ops where unsupported or for small ranges.
 constexpr int64_t kHugePageBytes = int64_t{2} << 20;
 
-inline uintptr_t page_floor(const void* p) {
+// madvise(advice) over the pages that hold [p, p + bytes), for ranges of at least min_bytes.
+inline void advise_pages(void* p, int64_t bytes, int64_t min_bytes, int advice) {
 #if defined(__linux__)
+  if (bytes < min_bytes) return;
   static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  return reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  madvise(reinterpret_cast<void*>(first), reinterpret_cast<uintptr_t>(p) + bytes - first, advice);
 #else
-  return reinterpret_cast<uintptr_t>(p);
+  (void)p, (void)bytes, (void)min_bytes, (void)advice;
 #endif
 }
 
 inline void advise_huge_pages(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (bytes < 2 * kHugePageBytes) return;  // no whole aligned huge page would fit
-  const uintptr_t first = page_floor(p);
-  madvise(reinterpret_cast<void*>(first), reinterpret_cast<uintptr_t>(p) + bytes - first, MADV_HUGEPAGE);
+  advise_pages(p, bytes, 2 * kHugePageBytes, MADV_HUGEPAGE);  // smaller: no whole aligned huge page
 #else
-  (void)p;
-  (void)bytes;
+  (void)p, (void)bytes;
 #endif
 }
 
 inline void prefault_for_write(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
-  constexpr int64_t kMinBytes = 64 * 1024;
-  if (bytes < kMinBytes) return;
-  const uintptr_t first = page_floor(p);
-  madvise(reinterpret_cast<void*>(first), reinterpret_cast<uintptr_t>(p) + bytes - first, MADV_POPULATE_WRITE);
+  advise_pages(p, bytes, 64 * 1024, MADV_POPULATE_WRITE);
 #else
-  (void)p;
-  (void)bytes;
+  (void)p, (void)bytes;
 #endif
 }
 
