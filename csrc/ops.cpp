@@ -24,6 +24,8 @@ extern "C" {
 // Importing entskip._C loads this library, which runs the registrations below.
 // entskip._C.openmp is 1 when the CPU kernels were compiled with OpenMP, the backend of
 // at::parallel_for in torch's builds: without it they run on one thread.
+// entskip._C.avx512_bf16 is 1 when they were compiled for a CPU with AVX512-BF16, which
+// gives the bfloat16 kernels their dot-product paths (ENTSKIP_CPU_AVX512_BF16=0 turns them off).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
@@ -32,7 +34,13 @@ PyObject* PyInit__C(void) {
 #else
   constexpr long openmp = 0;
 #endif
-  if (module != nullptr && PyModule_AddIntConstant(module, "openmp", openmp) != 0) {
+#ifdef __AVX512BF16__
+  constexpr long avx512_bf16 = 1;
+#else
+  constexpr long avx512_bf16 = 0;
+#endif
+  if (module != nullptr && (PyModule_AddIntConstant(module, "openmp", openmp) != 0 ||
+                            PyModule_AddIntConstant(module, "avx512_bf16", avx512_bf16) != 0)) {
     Py_DECREF(module);
     return nullptr;
   }

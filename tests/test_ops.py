@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -273,3 +275,42 @@ def test_tolerances_are_per_dtype():
 def test_many_row_tiles(block, dtype, poisoned, cpu_backend):
     """Enough rows (4105) that every kernel crosses several row tiles, chunks and threads."""
     _check_against_reference(make_mapping("bsr_rect", 256, block, seed=7, out_dim=128), dtype, (5, 821), True)
+
+
+@pytest.mark.parametrize("avx512_bf16", ["0", "1"], ids=["widened", "avx512_bf16"])
+@pytest.mark.parametrize(
+    "kind, block", [(k, b) for k in ("sparse", "bsr_rect") for b in (16, 32, 64)] + [("orthogonal", 32)]
+)
+def test_cpu_bfloat16_paths_match_reference(avx512_bf16, kind, block, monkeypatch, poisoned, cpu_backend):
+    """bfloat16 runs the widened float32 kernels, or, in builds for AVX512-BF16 CPUs
+    (entskip._C.avx512_bf16), dot products over bfloat16 pairs (forward/dx at b >= 32, dV at
+    every b; the dense mapping through the block kernel): both, chosen by ENTSKIP_CPU_AVX512_BF16,
+    against the float64 reference, on rows that cross several tiles and end on an odd row."""
+    monkeypatch.setenv("ENTSKIP_CPU_AVX512_BF16", avx512_bf16)
+    monkeypatch.setenv("ENTSKIP_CPU_DENSE_KERNEL", "blocks")
+    out_dim = 192 if kind in RECT else 128
+    _check_against_reference(make_mapping(kind, 128, block, seed=11, out_dim=out_dim), torch.bfloat16, (7, 331), True)
+
+
+def test_cpu_avx512_bf16_switch_is_checked(monkeypatch, cpu_backend):
+    import entskip._C
+
+    monkeypatch.setenv("ENTSKIP_CPU_AVX512_BF16", "yes")
+    x = torch.randn(4, 64).bfloat16()
+    mapping = make_mapping("sparse", 64, 32, seed=1).bfloat16()
+    if not entskip._C.avx512_bf16:
+        pytest.skip("this build has no AVX512-BF16 paths: the switch is not read")
+    with pytest.raises(RuntimeError, match="ENTSKIP_CPU_AVX512_BF16 must be '0', '1' or empty"):
+        entskip.skip_add(x, mapping)
+
+
+@pytest.mark.skipif(not entskip.backends.native_available(), reason="entskip._C did not load")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "ENTSKIP_CPU_ARCH" in os.environ,
+                    reason="compares with /proc/cpuinfo for a default (-march=native) build")
+def test_cpu_kernels_use_avx512_bf16_where_the_build_cpu_has_it():
+    """setup.py builds for the build machine (-march=native): on a CPU with AVX512-BF16 the
+    bfloat16 kernels get their dot-product paths, elsewhere not."""
+    import entskip._C
+
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    assert entskip._C.avx512_bf16 == int("avx512_bf16" in flags)

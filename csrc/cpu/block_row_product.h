@@ -308,10 +308,13 @@ void block_row_product(const scalar_t* a, int64_t lda, const acc_t* B, const int
     constexpr int kB = decltype(block)::value;
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kB >= 32) {
-      using Ops = Bf16PairOperands<kB>;
-      const std::vector<uint32_t> pairs = Ops::blocks(B, ptr[nrows]);
-      block_row_product_fixed<scalar_t, acc_t, kB, Ops>(a, lda, pairs.data(), ptr, idx, nrows, N, alpha, branch, out);
-      return;
+      if (use_avx512_bf16()) {
+        using Ops = Bf16PairOperands<kB>;
+        const std::vector<uint32_t> pairs = Ops::blocks(B, ptr[nrows]);
+        block_row_product_fixed<scalar_t, acc_t, kB, Ops>(a, lda, pairs.data(), ptr, idx, nrows, N, alpha, branch,
+                                                          out);
+        return;
+      }
     }
 #endif
     using Ops = WidenedOperands<scalar_t, acc_t, kB>;

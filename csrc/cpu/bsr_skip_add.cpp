@@ -241,9 +241,11 @@ void sampled_gradient(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t
       constexpr int kB = decltype(block)::value;
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        sampled_blocks_fixed<scalar_t, acc_t, kB, SampledBf16Pairs<kB>>(g, ldg, x, ldx, row_of.data(), col, begin,
-                                                                        end, N, S);
-        return;
+        if (use_avx512_bf16()) {
+          sampled_blocks_fixed<scalar_t, acc_t, kB, SampledBf16Pairs<kB>>(g, ldg, x, ldx, row_of.data(), col, begin,
+                                                                          end, N, S);
+          return;
+        }
       }
 #endif
       sampled_blocks_fixed<scalar_t, acc_t, kB, SampledWidened<scalar_t, acc_t, kB>>(g, ldg, x, ldx, row_of.data(),

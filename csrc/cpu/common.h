@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -86,6 +88,16 @@ inline at::Tensor empty_prefaulted(at::IntArrayRef sizes, const at::TensorOption
     prefault_for_write(p + begin * kHugePageBytes, std::min(bytes, end * kHugePageBytes) - begin * kHugePageBytes);
   });
   return t;
+}
+
+// Whether the bfloat16 kernels take their AVX512-BF16 paths where the build has them
+// (entskip._C.avx512_bf16): yes, unless ENTSKIP_CPU_AVX512_BF16 is "0", which selects the
+// widened float32 paths (to compare the two, or to test both on one machine).
+inline bool use_avx512_bf16() {
+  const char* v = std::getenv("ENTSKIP_CPU_AVX512_BF16");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "1") == 0) return true;
+  TORCH_CHECK(std::strcmp(v, "0") == 0, "ENTSKIP_CPU_AVX512_BF16 must be '0', '1' or empty, got '", v, "'");
+  return false;
 }
 
 // <s, m> in float64, returned with alpha's dtype and shape: dalpha = <grad^T @ x, M>.
