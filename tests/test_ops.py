@@ -279,17 +279,19 @@ def test_many_row_tiles(block, dtype, poisoned, cpu_backend):
 
 @pytest.mark.parametrize("avx512_bf16", ["0", "1"], ids=["widened", "avx512_bf16"])
 @pytest.mark.parametrize(
-    "kind, block", [(k, b) for k in ("sparse", "bsr_rect") for b in (16, 32, 64)] + [("orthogonal", 32)]
+    "kind, block, dim",
+    [(k, b, 128) for k in ("sparse", "bsr_rect") for b in (16, 32, 64)] + [("sparse", 16, 144), ("orthogonal", 32, 128)],
 )
-def test_cpu_bfloat16_paths_match_reference(avx512_bf16, kind, block, monkeypatch, poisoned, cpu_backend):
+def test_cpu_bfloat16_paths_match_reference(avx512_bf16, kind, block, dim, monkeypatch, poisoned, cpu_backend):
     """bfloat16 runs the widened float32 kernels, or, in builds for AVX512-BF16 CPUs
-    (entskip._C.avx512_bf16), dot products over bfloat16 pairs (forward/dx at b >= 32, dV at
-    every b; the dense mapping through the block kernel): both, chosen by ENTSKIP_CPU_AVX512_BF16,
-    against the float64 reference, on rows that cross several tiles and end on an odd row."""
+    (entskip._C.avx512_bf16), dot products over bfloat16 pairs (forward/dx where the input
+    width is a multiple of 32, else widened: dim 144; dV always; the dense mapping through the
+    block kernel): both, chosen by ENTSKIP_CPU_AVX512_BF16, against the float64 reference, on
+    rows that cross several tiles and end on an odd row."""
     monkeypatch.setenv("ENTSKIP_CPU_AVX512_BF16", avx512_bf16)
     monkeypatch.setenv("ENTSKIP_CPU_DENSE_KERNEL", "blocks")
-    out_dim = 192 if kind in RECT else 128
-    _check_against_reference(make_mapping(kind, 128, block, seed=11, out_dim=out_dim), torch.bfloat16, (7, 331), True)
+    out_dim = dim + 64 if kind in RECT else dim
+    _check_against_reference(make_mapping(kind, dim, block, seed=11, out_dim=out_dim), torch.bfloat16, (7, 331), True)
 
 
 def test_cpu_avx512_bf16_switch_is_checked(monkeypatch, cpu_backend):

@@ -178,12 +178,13 @@ struct WidenedOperands {
 };
 
 #if defined(__AVX512BF16__)
-// bfloat16 pairs for block_row_micro_bf16_pairs (B >= 32, so that a block's B / 2 words per
-// row are whole SIMD vectors): the tile packed as the transpose of its rows taken as 32-bit
-// words (the bits are moved, never converted), the blocks as pairs of feature rows.
+// bfloat16 pairs for block_row_micro_bf16_pairs: the tile packed as the transpose of its rows
+// taken as 32-bit words (the bits are moved, never converted; lda / 2 words per row must be
+// whole SIMD vectors: lda a multiple of 32), the blocks as pairs of feature rows.
 template <int B>
 struct Bf16PairOperands {
-  static_assert(B >= 32, "a block row must be whole vectors of 32-bit words");
+  static_assert(B % 16 == 0, "a block row must be whole vectors of float32 accumulators");
+  static bool fits(int64_t lda) { return lda % 32 == 0; }
   using packed_t = float;  // bit patterns of bfloat16 pairs
   using block_t = uint32_t;
   static constexpr int MR = Blocking<float, B>::MR;
@@ -307,9 +308,9 @@ void block_row_product(const scalar_t* a, int64_t lda, const acc_t* B, const int
   const bool done = with_fixed_block(b, [&](auto block) {
     constexpr int kB = decltype(block)::value;
 #if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kB >= 32) {
-      if (use_avx512_bf16()) {
-        using Ops = Bf16PairOperands<kB>;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      using Ops = Bf16PairOperands<kB>;
+      if (use_avx512_bf16() && Ops::fits(lda)) {
         const std::vector<uint32_t> pairs = Ops::blocks(B, ptr[nrows]);
         block_row_product_fixed<scalar_t, acc_t, kB, Ops>(a, lda, pairs.data(), ptr, idx, nrows, N, alpha, branch,
                                                           out);
