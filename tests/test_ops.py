@@ -316,3 +316,12 @@ def test_cpu_kernels_use_avx512_bf16_where_the_build_cpu_has_it():
 
     flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     assert entskip._C.avx512_bf16 == int("avx512_bf16" in flags)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cpu_large_outputs_are_streamed_correctly(dtype, poisoned, cpu_backend):
+    """Outputs of 4 MiB or more (y: 16411 x 256, dx: 16411 x 128) are written by non-temporal
+    stores (block_row_product.h), smaller ones through the cache: the streamed path against
+    the float64 reference, forward and every gradient, ending on a row that no micro-tile fills."""
+    mapping = make_mapping("bsr_rect", 128, 32, seed=13, out_dim=256)
+    _check_against_reference(mapping, dtype, (16411,), True)

@@ -6,6 +6,10 @@
 
 #include <c10/util/BFloat16.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -48,22 +52,51 @@ inline Vec<acc_t> load(const scalar_t* p) {
   return v;
 }
 
+// The bfloat16 bits of 16 floats: round to nearest even, NaN to the canonical 0x7FC0, as
+// c10::BFloat16 does.
+inline U16x16 to_bfloat16_bits(const Vec<float>& v) {
+  U32x16 bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const U32x16 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const I32x16 is_nan = v != v;
+  const U32x16 out = is_nan ? U32x16{} + 0x7FC0u : rounded;
+  return __builtin_convertvector(out, U16x16);
+}
+
 template <typename acc_t, typename scalar_t>
 inline void store(scalar_t* p, const Vec<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     std::memcpy(p, &v, sizeof(v));
   } else if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, c10::BFloat16>) {
-    // Round to nearest even, NaN to the canonical 0x7FC0, as c10::BFloat16 does.
-    U32x16 bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    const U32x16 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    const I32x16 is_nan = v != v;
-    const U32x16 out = is_nan ? U32x16{} + 0x7FC0u : rounded;
-    const U16x16 narrow = __builtin_convertvector(out, U16x16);
+    const U16x16 narrow = to_bfloat16_bits(v);
     std::memcpy(p, &narrow, sizeof(narrow));
   } else {
     for (int l = 0; l < Simd<acc_t>::W; ++l) p[l] = static_cast<scalar_t>(v[l]);
   }
+}
+
+// store() of a whole 64-byte line (float or double, no narrowing) as a non-temporal
+// (streaming) store where the target has one (AVX-512): the line goes to memory without
+// being read first and without displacing the cache. p must be 64-byte aligned. Callers
+// issue a store fence (stream_fence) before another thread may read what they streamed.
+template <typename T>
+inline void stream(T* p, const Vec<T>& v) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "whole lines of float or double");
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, reinterpret_cast<const __m512&>(v));
+  } else {
+    _mm512_stream_pd(p, reinterpret_cast<const __m512d&>(v));
+  }
+#else
+  store<T>(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
 }
 
 // Keeps v in a register from here on: stops the compiler from folding v's load into each
