@@ -248,7 +248,8 @@ void block_row_product_fixed(const scalar_t* a, int64_t lda, const typename Ops:
   // float32 forward at N=8192, D=1024, density 1/8 took 15.5 ms instead of 17.5 here). A
   // small one is written through the cache, where its consumer will find it; a 16-bit one
   // fills half a line per store, where streaming did not help. Rows must be 64-byte aligned.
-  const bool stream = std::is_same_v<scalar_t, acc_t> && N * ldo * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes &&
+  const bool stream = simd::kStreams && std::is_same_v<scalar_t, acc_t> &&
+                      N * ldo * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes &&
                       reinterpret_cast<uintptr_t>(out) % 64 == 0 && ldo * sizeof(scalar_t) % 64 == 0;
   // Tiles fit the L2 budget and are small enough to give every thread several.
   const int64_t fit_units = kTileBytes / (unit * std::max<int64_t>(cols, 1) * static_cast<int64_t>(sizeof(packed_t)));

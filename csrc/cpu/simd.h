@@ -75,6 +75,13 @@ inline void store(scalar_t* p, const Vec<acc_t>& v) {
   }
 }
 
+// Whether stream() is a non-temporal store on this target (else a plain store).
+#if defined(__AVX512F__)
+constexpr bool kStreams = true;
+#else
+constexpr bool kStreams = false;
+#endif
+
 // store() of a whole 64-byte line (float or double, no narrowing) as a non-temporal
 // (streaming) store where the target has one (AVX-512): the line goes to memory without
 // being read first and without displacing the cache. p must be 64-byte aligned. Callers
