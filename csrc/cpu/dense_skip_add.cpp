@@ -90,9 +90,8 @@ double best_seconds(Fn&& fn) {
 // Whether the block-row kernel beats ATen's GEMM for y = x @ W^T in dtype t on a 2048 x 1024
 // x 1024 product, measured once per process and dtype (0.1-0.2 s in all; at 512 rows the block
 // kernel's per-call cost, reordering W, still weighed enough to pick a GEMM that was slower at
-// 8192 rows). The operands are
-// constant (the user's random generator is not touched) and the products run below autocast
-// and Python dispatch modes, whatever the caller has active.
+// 8192 rows). The operands are constant (the user's random generator is not touched) and the
+// products run below autocast and Python dispatch modes, whatever the caller has active.
 bool block_kernel_is_faster(at::ScalarType t) {
   const c10::impl::ExcludeDispatchKeyGuard plain(
       c10::autocast_dispatch_keyset | c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
@@ -178,11 +177,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at:
     // bfloat16 inputs, where ATen's bfloat16 GEMM beat the block kernel, use that GEMM
     // (float32 accumulation inside, s rounded to bfloat16 like torch's own bfloat16
     // autograd); other 16-bit inputs upcast to the float32 GEMM (a float16 s could overflow).
-    const auto t = x.scalar_type();
-    const at::Tensor s = t == at::kBFloat16 && !use_block_kernel(t)
-                             ? at::mm(grad.t(), x)
-                             : at::mm(grad.t().to(t == at::kDouble ? at::kDouble : at::kFloat),
-                                      x.to(t == at::kDouble ? at::kDouble : at::kFloat));
+    const auto t = x.scalar_type(), acc = t == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor s =
+        t == at::kBFloat16 && !use_block_kernel(t) ? at::mm(grad.t(), x) : at::mm(grad.t().to(acc), x.to(acc));
     if (output_mask[1]) dweight = s.mul(a).to(weight.scalar_type());
     if (output_mask[2]) dalpha = alpha_grad(s, weight, alpha);
   }
