@@ -44,12 +44,42 @@ def _inputs(n, d_in, d_out, dtype, seed):
     return rand(n, d_in), rand(n, d_out), rand(n, d_out), alpha
 
 
-def _reference_grads(fn, x, matrix, alpha, branch, grad):
-    """Forward and (dx, dM, dalpha) of ``fn`` in float64 autograd."""
-    leaves = [t.detach().double().requires_grad_(True) for t in (x, matrix, alpha)]
-    y = fn(leaves[0], leaves[1], None if branch is None else branch.double(), leaves[2])
-    grads = torch.autograd.grad(y, leaves, grad.double())
-    return y.detach(), grads
+REFERENCE_CHUNK_ELEMENTS = 1 << 26  # float64 elements of one reference intermediate (512 MiB)
+
+
+def _reference_grads(fn, x, matrix, alpha, branch, grad, row_elements=0, chunk_elements=REFERENCE_CHUNK_ELEMENTS):
+    """Forward and (dx, dM, dalpha) of ``fn`` in float64 autograd, over chunks of rows so
+    that no intermediate holds more than ``chunk_elements`` (``row_elements``: the largest
+    intermediate's elements per row, e.g. the BSR reference's gathered blocks ``nnzb * b``).
+    ``y`` and ``dx`` are row-wise; ``dM`` and ``dalpha`` accumulate over the chunks."""
+    step = max(1, chunk_elements // max(row_elements, x.shape[1], grad.shape[1], 1))
+    matrix, alpha = (t.detach().double().requires_grad_(True) for t in (matrix, alpha))
+    ys, dxs = [], []
+    for start in range(0, x.shape[0], step):
+        rows = slice(start, start + step)
+        x_rows = x[rows].detach().double().requires_grad_(True)
+        y = fn(x_rows, matrix, None if branch is None else branch[rows].double(), alpha)
+        y.backward(grad[rows].double())
+        ys.append(y.detach())
+        dxs.append(x_rows.grad)
+    return torch.cat(ys), (torch.cat(dxs), matrix.grad, alpha.grad)
+
+
+def test_chunked_reference_matches_one_chunk():
+    """The reference over row chunks (GPU shapes) equals the reference over all rows at once."""
+    layout = random_layout(64, 96, 16, 0.5, seed=1)
+    x, branch, grad, alpha = (t.cpu() for t in _inputs(37, 96, 64, torch.float64, seed=2))
+    values = torch.randn(layout.nnzb, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def fn(x_, v_, branch_, a_):
+        return reference.bsr_skip_add(x_, v_, layout.crow_indices, layout.col_indices, branch_, a_)
+
+    whole = _reference_grads(fn, x, values, alpha, branch, grad)
+    chunked = _reference_grads(fn, x, values, alpha, branch, grad, row_elements=layout.nnzb * 16,
+                               chunk_elements=8 * layout.nnzb * 16)  # 8 rows a chunk: 5 chunks
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1][0], whole[1][0])
+    for got, expected in zip(chunked[1][1:], whole[1][1:]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("op", ["bsr_skip_add", "bsr_skip_add_backward", "dense_skip_add", "dense_skip_add_backward"])
@@ -75,13 +105,13 @@ def test_bsr_matches_reference(poisoned, dtype, shape, with_branch):
     def fn(x_, v_, branch_, a_):
         return reference.bsr_skip_add(x_, v_, layout.crow_indices, layout.col_indices, branch_, a_)
 
-    y_ref, grads_ref = _reference_grads(fn, x, values, alpha, branch, grad)
+    y_ref, grads_ref = _reference_grads(fn, x, values, alpha, branch, grad, row_elements=layout.nnzb * b)
     assert y.dtype == dtype and y.shape == y_ref.shape
     assert_close(y, y_ref, dtype, "y")
     assert_close(grads[0], grads_ref[0], dtype, "dx")
     assert_close(grads[1], grads_ref[1], dtype, "dvalues", scale=max(n, 1) ** 0.5 * 4)
     # dalpha sums N * D_out * b products that cancel: its scale is the sum of their magnitudes
-    dalpha_scale = (grad.double().abs() @ (x.double().abs() @ layout.to_dense(values.double().abs()).T).T).trace()
+    dalpha_scale = (grad.double().abs() * (x.double().abs() @ layout.to_dense(values.double().abs()).T)).sum()
     assert grads[2].shape == alpha.shape and grads[2].dtype == alpha.dtype
     assert_close(grads[2], grads_ref[2], dtype, "dalpha", scale=max(float(dalpha_scale), 1.0))
 
@@ -145,8 +175,10 @@ def test_empty_inputs(sparse_layout):
     assert torch.equal(y, branch)  # no stored block: only the residual
 
 
-def test_every_shipped_config_runs(sparse_layout):
-    """Under the interpreter the autotuner runs each config that fits once (no timing)."""
+def test_every_shipped_config_runs(sparse_layout, monkeypatch):
+    """With ``ENTSKIP_AUTOTUNE=once`` (the interpreter's default) the autotuner runs each
+    config that fits once (no timing)."""
+    monkeypatch.setenv("ENTSKIP_AUTOTUNE", "once")
     layout, values = sparse_layout
     x, branch, _, alpha = _inputs(40, 64, 64, torch.float32, seed=9)
     kernel = entskip.gpu_dispatch.triton_kernels().bsr_skip._block_row_kernel

@@ -74,7 +74,10 @@ def sampled_fits(config: triton.Config, args) -> bool:
     return operand <= 32 and staged <= 160 * 1024
 
 
-@tuning.autotune(BLOCK_ROW_CONFIGS, key=["D_IN", "D_OUT", "DENSITY_KEY"], fits=block_row_fits)
+# The keys hold what the fits rules read (B, PRECISION; dtypes are triton's) and TRANS_V
+# (forward and dx tune apart): a b=64 call must never reuse a b=16 winner.
+@tuning.autotune(BLOCK_ROW_CONFIGS, key=["D_IN", "D_OUT", "DENSITY_KEY", "B", "TRANS_V", "PRECISION"],
+                 fits=block_row_fits)
 @triton.jit
 def _block_row_kernel(
     a_ptr,  # (N, D_IN) activations: x (forward) or grad (dx)
@@ -131,7 +134,7 @@ def _block_row_kernel(
     tl.store(out_ptr + out_offset + out_tile, out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-@tuning.autotune(SAMPLED_CONFIGS, key=["D_IN", "D_OUT", "DENSITY_KEY"], fits=sampled_fits)
+@tuning.autotune(SAMPLED_CONFIGS, key=["D_IN", "D_OUT", "DENSITY_KEY", "B", "PRECISION"], fits=sampled_fits)
 @triton.jit
 def _sampled_kernel(
     a_ptr,  # (N, D_OUT) grad
@@ -214,6 +217,7 @@ def _block_row_product(a, values, ptr, idx, perm, alpha, branch, n_out: int, tra
     return out
 
 
+@tuning.on_device_of_first_argument
 def forward(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, alpha: Tensor, branch: Tensor | None) -> Tensor:
     """``y = alpha * (x @ M^T) + branch``: ``x (N, C*b)`` -> ``(N, R*b)``."""
     n_out = (crow.numel() - 1) * values.shape[-1]
@@ -251,6 +255,7 @@ def _sampled_product(grad: Tensor, x: Tensor, values: Tensor, crow: Tensor, col:
     return partials.sum(0)
 
 
+@tuning.on_device_of_first_argument
 def backward(grad, x, values, crow, col, ccol, row, perm, alpha, output_mask):
     """``(dx, dvalues, dalpha)``; an entry is ``None`` where ``output_mask`` is false."""
     need_x, need_values, need_alpha = output_mask

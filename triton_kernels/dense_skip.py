@@ -51,7 +51,9 @@ def matmul_fits(config: triton.Config, args) -> bool:
     return config in TENSOR_CORE_CONFIGS and acc_regs <= (64 if args["HAS_DOT"] else 128) and staged <= 160 * 1024
 
 
-@tuning.autotune(MATMUL_CONFIGS, key=["M", "N", "K_KEY"], fits=matmul_fits)
+# Row counts are bucketed (M_KEY, K_KEY: next power of two), so a new batch size reuses a
+# tuned config; HAS_DOT and PRECISION change which configs fit.
+@tuning.autotune(MATMUL_CONFIGS, key=["M_KEY", "N", "K_KEY", "HAS_DOT", "PRECISION"], fits=matmul_fits)
 @triton.jit
 def _matmul_kernel(
     a_ptr,
@@ -64,6 +66,7 @@ def _matmul_kernel(
     M,
     N,
     K,
+    M_KEY,  # autotune key only: M rounded to a power of two
     K_KEY,  # autotune key only: K rounded to a power of two
     stride_am,
     stride_ak,
@@ -145,6 +148,7 @@ def _matmul(a: Tensor, b: Tensor, alpha: Tensor, branch: Tensor | None = None, d
         m,
         n,
         k,
+        triton.next_power_of_2(m),
         triton.next_power_of_2(k),
         a.stride(0),
         a.stride(1),
@@ -160,11 +164,13 @@ def _matmul(a: Tensor, b: Tensor, alpha: Tensor, branch: Tensor | None = None, d
     return out, partials[: grid(_matmul_kernel.best_config.kwargs)[0]].sum()
 
 
+@tuning.on_device_of_first_argument
 def forward(x: Tensor, weight: Tensor, alpha: Tensor, branch: Tensor | None) -> Tensor:
     """``y = alpha * (x @ W^T) + branch``: ``x (N, D_in)``, ``W (D_out, D_in)`` -> ``(N, D_out)``."""
     return _matmul(x, weight.t(), alpha, branch)[0]
 
 
+@tuning.on_device_of_first_argument
 def backward(grad: Tensor, x: Tensor, weight: Tensor, alpha: Tensor, output_mask):
     """``(dx, dW, dalpha)``; an entry is ``None`` where ``output_mask`` is false."""
     need_x, need_w, need_alpha = output_mask

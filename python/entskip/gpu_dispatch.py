@@ -10,9 +10,10 @@ would collide, DESIGN section 6). It runs the kernels of :func:`kernel_backend`:
 
 Both trust their layout, so :func:`validate_layout` checks every layout on the host
 once (a device-to-host copy the first time a layout is seen) and remembers it by the
-identity and version of its index tensors: later calls, CUDA graph capture included,
-do not synchronise. Argument checks (:func:`check_bsr`, :func:`check_dense`) raise a
-``ValueError``/``TypeError`` naming the argument before any kernel is launched.
+identity and version of its index tensors (identity alone for inference tensors, which
+have no version counter): later calls, CUDA graph capture included, do not synchronise.
+Argument checks (:func:`check_bsr`, :func:`check_dense`) raise a ``ValueError``/``TypeError``
+naming the argument before any kernel is launched.
 """
 
 from __future__ import annotations
@@ -138,11 +139,18 @@ def check_bsr(x, values, crow, col, ccol, row, perm, alpha, branch=None, grad=No
 _validated = WeakIdKeyDictionary()  # crow_indices -> (block, (weakref, version) of the five tensors)
 
 
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter; ``None`` for an inference tensor, which has none (made under
+    ``torch.inference_mode()``): it is remembered by identity only (DESIGN section 6), so an
+    in-place edit of it inside inference mode is not seen."""
+    return None if t.is_inference() else t._version
+
+
 def _is_validated(tensors, block: int) -> bool:
     entry = _validated.get(tensors[0])
     if entry is None or entry[0] != block:
         return False
-    return all(ref() is t and t._version == version for (ref, version), t in zip(entry[1], tensors))
+    return all(ref() is t and _version(t) == version for (ref, version), t in zip(entry[1], tensors))
 
 
 def validate_layout(crow: Tensor, col: Tensor, ccol: Tensor, row: Tensor, perm: Tensor, block: int) -> None:
@@ -159,4 +167,4 @@ def validate_layout(crow: Tensor, col: Tensor, ccol: Tensor, row: Tensor, perm: 
     for name, mine, given in zip(("ccol_indices", "row_indices", "perm"), layout.tensors()[2:], tensors[2:]):
         if not torch.equal(mine, given.cpu()):
             raise ValueError(f"{name} does not describe the transpose of crow_indices/col_indices")
-    _validated[crow] = (block, tuple((weakref.ref(t), t._version) for t in tensors))
+    _validated[crow] = (block, tuple((weakref.ref(t), _version(t)) for t in tensors))
