@@ -11,16 +11,21 @@
 //            dalpha = <S, W> come from the shared finalize kernels (bsr_sampled.cu).
 // alpha and beta live on the device (CUBLASLT_POINTER_MODE_DEVICE, written by
 // gemm_scalars_kernel from the 0-d alpha tensor), so nothing synchronises and the calls can
-// be captured in a CUDA graph. With beta = 0 (dx, forward without a branch) C is the
-// uninitialised output: cuBLASLt follows BLAS and does not read C when *beta == 0
-// (unverified on a GPU; the poisoned-output tests check it). cuBLASLt is column-major: a
-// row-major (r x c) matrix is passed as its column-major (c x r) transpose (see each call).
+// be captured in a CUDA graph. Device pointer mode leaves it to the chosen kernel whether
+// C is read when *beta == 0, so a GEMM without a branch (dx, forward without a branch) never
+// passes the uninitialised output as C: its C is a zero column (written by the same kernel
+// as the scalars) broadcast with leading dimension 0 (cublasLtMatmul's out-of-place case),
+// so D = alpha A B + 0 * 0 whether C is read or not. The sampled product has host scalars
+// (beta exactly 0 on the host, BLAS's "C need not be valid" case) and writes its output in
+// place. cuBLASLt is column-major: a row-major (r x c) matrix is passed as its
+// column-major (c x r) transpose (see each call).
 // Tensor cores: bf16/fp16 (fp32 accumulation), float32 only with TF32 allowed
 // (torch.backends.cuda.matmul.allow_tf32), float64 in float64. Algorithms are chosen by
 // cuBLASLt's heuristic once per shape/type/alignment and cached, so repeated calls use the
 // same algorithm (bit-identical results).
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -30,15 +35,23 @@
 namespace entskip::cuda {
 namespace {
 
+// {alpha, beta} at the start of scalars; zero_words 16-byte zeros from kGemmZerosOffset on.
 __global__ void gemm_scalars_kernel(const void* alpha, bool alpha_double, double beta, void* scalars,
-                                    bool scalars_double) {
-  const double a = load_alpha<double>(alpha, alpha_double);
-  if (scalars_double) {
-    static_cast<double*>(scalars)[0] = a;
-    static_cast<double*>(scalars)[1] = beta;
-  } else {
-    static_cast<float*>(scalars)[0] = static_cast<float>(a);
-    static_cast<float*>(scalars)[1] = static_cast<float>(beta);
+                                    bool scalars_double, int64_t zero_words) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const double a = load_alpha<double>(alpha, alpha_double);
+    if (scalars_double) {
+      static_cast<double*>(scalars)[0] = a;
+      static_cast<double*>(scalars)[1] = beta;
+    } else {
+      static_cast<float*>(scalars)[0] = static_cast<float>(a);
+      static_cast<float*>(scalars)[1] = static_cast<float>(beta);
+    }
+  }
+  uint4* zeros = reinterpret_cast<uint4*>(static_cast<char*>(scalars) + kGemmZerosOffset);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < zero_words;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    zeros[i] = make_uint4(0u, 0u, 0u, 0u);
   }
 }
 
@@ -91,10 +104,11 @@ uint32_t alignment(const void* p) {
   return align;
 }
 
-// Column-major GEMM: D (m x n) = alpha * op(A) @ op(B) + beta * C, op(A) m x k, op(B) k x n.
+// Column-major GEMM: D (m x n) = alpha * op(A) @ op(B) + beta * C, op(A) m x k, op(B) k x n;
+// C has D's type and shape, with its own leading dimension (0: one column, broadcast).
 struct Gemm {
   bool trans_a, trans_b;
-  int64_t m, n, k, lda, ldb, ldc;
+  int64_t m, n, k, lda, ldb, ldc, ldd;
   const void *A, *B, *C;
   void* D;
   const void *alpha, *beta;
@@ -115,7 +129,7 @@ template <typename H, cublasStatus_t (*Destroy)(H)> struct Owned {
   } while (0)
 
 using AlgoKey = std::tuple<int, int, int, int, int, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                           uint32_t, uint32_t, uint32_t, uint32_t, bool, size_t>;
+                           int64_t, uint32_t, uint32_t, uint32_t, uint32_t, bool, size_t>;
 
 cublasStatus_t run(const Gemm& g, const Types& t, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   cublasLtHandle_t handle = nullptr;
@@ -127,17 +141,18 @@ cublasStatus_t run(const Gemm& g, const Types& t, void* workspace, size_t worksp
   ENTSKIP_LT(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
   ENTSKIP_LT(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
   ENTSKIP_LT(cublasLtMatmulDescSetAttribute(op.h, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof(mode)));
-  Owned<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy> a, b, c;
+  Owned<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy> a, b, c, d;
   ENTSKIP_LT(cublasLtMatrixLayoutCreate(&a.h, t.ab, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda));
   ENTSKIP_LT(cublasLtMatrixLayoutCreate(&b.h, t.ab, g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb));
-  ENTSKIP_LT(cublasLtMatrixLayoutCreate(&c.h, t.cd, g.m, g.n, g.ldc));  // C and D share one layout
+  ENTSKIP_LT(cublasLtMatrixLayoutCreate(&c.h, t.cd, g.m, g.n, g.ldc));
+  ENTSKIP_LT(cublasLtMatrixLayoutCreate(&d.h, t.cd, g.m, g.n, g.ldd));
 
   int device = 0;
   cudaGetDevice(&device);
   const uint32_t align_a = alignment(g.A), align_b = alignment(g.B), align_c = alignment(g.C),
                  align_d = alignment(g.D);
   const AlgoKey key{device, static_cast<int>(t.ab), static_cast<int>(t.cd), static_cast<int>(t.scale),
-                    static_cast<int>(t.compute), g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
+                    static_cast<int>(t.compute), g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.ldd,
                     align_a, align_b, align_c, align_d, g.device_scalars, workspace_bytes};
   static std::mutex mutex;
   static std::map<AlgoKey, cublasLtMatmulAlgo_t> cache;
@@ -166,21 +181,24 @@ cublasStatus_t run(const Gemm& g, const Types& t, void* workspace, size_t worksp
                                                     sizeof(align_d)));
     cublasLtMatmulHeuristicResult_t result = {};
     int returned = 0;
-    ENTSKIP_LT(cublasLtMatmulAlgoGetHeuristic(handle, op.h, a.h, b.h, c.h, c.h, pref.h, 1, &result, &returned));
+    ENTSKIP_LT(cublasLtMatmulAlgoGetHeuristic(handle, op.h, a.h, b.h, c.h, d.h, pref.h, 1, &result, &returned));
     if (returned == 0) return CUBLAS_STATUS_NOT_SUPPORTED;
     algo = result.algo;
     std::lock_guard<std::mutex> lock(mutex);
     cache.emplace(key, algo);
   }
-  return cublasLtMatmul(handle, op.h, g.alpha, g.A, a.h, g.B, b.h, g.beta, g.C, c.h, g.D, c.h, &algo, workspace,
+  return cublasLtMatmul(handle, op.h, g.alpha, g.A, a.h, g.B, b.h, g.beta, g.C, c.h, g.D, d.h, &algo, workspace,
                         workspace_bytes, stream);
 }
 
 }  // namespace
 
 void launch_gemm_scalars(const void* alpha, bool alpha_double, double beta, void* scalars, bool scalars_double,
-                         cudaStream_t stream) {
-  gemm_scalars_kernel<<<1, 1, 0, stream>>>(alpha, alpha_double, beta, scalars, scalars_double);
+                         size_t zero_bytes, cudaStream_t stream) {
+  const int64_t words = static_cast<int64_t>(zero_bytes / sizeof(uint4)), threads = 256;
+  const int64_t blocks = std::min<int64_t>(std::max<int64_t>((words + threads - 1) / threads, 1), 64);
+  gemm_scalars_kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads), 0, stream>>>(
+      alpha, alpha_double, beta, scalars, scalars_double, words);
 }
 
 size_t dense_workspace_bytes() {
@@ -194,23 +212,27 @@ size_t dense_workspace_bytes() {
   return major >= 9 ? size_t{32} << 20 : size_t{4} << 20;
 }
 
-// Device pointers to alpha and beta in the {alpha, beta} pair written by launch_gemm_scalars.
+// Device pointers to beta in the {alpha, beta} pair and to the zero column written by launch_gemm_scalars.
 const void* beta_of(const DenseArgs& p, Scalar dtype) {
   return static_cast<const char*>(p.scalars) + (dtype == Scalar::kDouble ? sizeof(double) : sizeof(float));
 }
+const void* zeros_of(const DenseArgs& p) { return static_cast<const char*>(p.scalars) + kGemmZerosOffset; }
 
 // y (n x d_out, row-major) is y^T (d_out x n, column-major, ld d_out)
-//   = alpha * op(W-memory (d_in x d_out, ld d_in)) = W, transposed, @ x-memory (d_in x n, ld d_in) + beta * branch^T.
+//   = alpha * op(W-memory (d_in x d_out, ld d_in)) = W, transposed, @ x-memory (d_in x n, ld d_in) + beta * branch^T;
+// without a branch C is the zero column (ld 0) and beta = 0.
 int dense_forward(const DenseArgs& p, Scalar dtype, cudaStream_t stream) {
-  const Gemm g{true, false, p.d_out, p.n, p.d_in, p.d_in, p.d_in, p.d_out,
-               p.weight, p.x, p.branch != nullptr ? p.branch : p.out, p.out, p.scalars, beta_of(p, dtype), true};
+  const bool branch = p.branch != nullptr;
+  const Gemm g{true, false, p.d_out, p.n, p.d_in, p.d_in, p.d_in, branch ? p.d_out : 0, p.d_out,
+               p.weight, p.x, branch ? p.branch : zeros_of(p), p.out, p.scalars, beta_of(p, dtype), true};
   return run(g, types_of(dtype, false, p.allow_tf32), p.workspace, p.workspace_bytes, stream);
 }
 
-// dx (n x d_in) is dx^T (d_in x n, ld d_in) = alpha * W-memory (d_in x d_out, ld d_in) @ g-memory (d_out x n, ld d_out).
+// dx (n x d_in) is dx^T (d_in x n, ld d_in) = alpha * W-memory (d_in x d_out, ld d_in) @ g-memory (d_out x n, ld d_out)
+// + 0 * the zero column (ld 0).
 int dense_dx(const DenseArgs& p, Scalar dtype, cudaStream_t stream) {
-  const Gemm g{false, false, p.d_in, p.n, p.d_out, p.d_in, p.d_out, p.d_in,
-               p.weight, p.grad, p.out, p.out, p.scalars, beta_of(p, dtype), true};
+  const Gemm g{false, false, p.d_in, p.n, p.d_out, p.d_in, p.d_out, 0, p.d_in,
+               p.weight, p.grad, zeros_of(p), p.out, p.scalars, beta_of(p, dtype), true};
   return run(g, types_of(dtype, false, p.allow_tf32), p.workspace, p.workspace_bytes, stream);
 }
 
@@ -220,7 +242,7 @@ int dense_sampled(const DenseArgs& p, Scalar dtype, cudaStream_t stream) {
   static const float one_f = 1.f, zero_f = 0.f;
   static const double one_d = 1.0, zero_d = 0.0;
   const bool f64 = dtype == Scalar::kDouble;
-  const Gemm g{false, true, p.d_in, p.d_out, p.n, p.d_in, p.d_out, p.d_in,
+  const Gemm g{false, true, p.d_in, p.d_out, p.n, p.d_in, p.d_out, p.d_in, p.d_in,
                p.x, p.grad, p.out, p.out,
                f64 ? static_cast<const void*>(&one_d) : &one_f, f64 ? static_cast<const void*>(&zero_d) : &zero_f,
                false};

@@ -28,12 +28,15 @@ void check_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   check_alpha(alpha, x);
 }
 
-// {alpha, beta} on the device, in cuBLASLt's scale type (float64 for float64, else float32).
-at::Tensor gemm_scalars(const at::Tensor& alpha, double beta, const at::Tensor& x) {
+// {alpha, beta} on the device, in cuBLASLt's scale type (float64 for float64, else float32),
+// then (beta = 0: no branch) a zero column of `rows` output elements, cuBLASLt's C (launchers.h).
+at::Tensor gemm_scalars(const at::Tensor& alpha, double beta, const at::Tensor& x, int64_t rows) {
   const at::Tensor a = kernel_alpha(alpha);
-  at::Tensor scalars = at::empty({2}, x.options().dtype(acc_type(x)));
+  const size_t zero_bytes = beta == 0.0 ? (static_cast<size_t>(rows) * x.element_size() + 15) / 16 * 16 : 0;
+  at::Tensor scalars =
+      at::empty({static_cast<int64_t>(kGemmZerosOffset + zero_bytes)}, x.options().dtype(at::kByte));
   launch_gemm_scalars(a.const_data_ptr(), a.scalar_type() == at::kDouble, beta, scalars.mutable_data_ptr(),
-                      scalars.scalar_type() == at::kDouble, c10::cuda::getCurrentCUDAStream());
+                      acc_type(x) == at::kDouble, zero_bytes, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return scalars;
 }
@@ -62,7 +65,7 @@ at::Tensor dense_skip_add(const at::Tensor& x, const at::Tensor& weight, const a
   if (d_in == 0) return branch.has_value() ? branch->clone() : at::zeros({n, d_out}, x.options());  // empty product
   at::Tensor out = at::empty({n, d_out}, x.options());
   if (n == 0 || d_out == 0) return out;
-  const at::Tensor scalars = gemm_scalars(alpha, branch.has_value() ? 1.0 : 0.0, x);
+  const at::Tensor scalars = gemm_scalars(alpha, branch.has_value() ? 1.0 : 0.0, x, d_out);
   DenseArgs args{};
   args.x = x.const_data_ptr();
   args.weight = weight.const_data_ptr();
@@ -100,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at:
       dx = at::zeros_like(x);
     } else {
       dx = at::empty_like(x);
-      const at::Tensor scalars = gemm_scalars(alpha, 0.0, x);
+      const at::Tensor scalars = gemm_scalars(alpha, 0.0, x, d_in);
       args.out = dx.mutable_data_ptr();
       args.scalars = scalars.const_data_ptr();
       gemm(&dense_dx, args, x);

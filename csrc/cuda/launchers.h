@@ -85,8 +85,14 @@ const char* launch_finalize(const FinalizeArgs& args, Scalar dtype, cudaStream_t
 // cublasStatus_t (0 = success); dense_status_string names it.
 //
 // dims: y (n, d_out) = alpha * x (n, d_in) @ weight (d_out, d_in)^T + branch.
+//
+// The device scalars of the forward and dx GEMMs (DenseArgs::scalars): {alpha, beta} in
+// cuBLASLt's scale type at the start, then from byte kGemmZerosOffset zero_bytes zeros (a
+// multiple of 16, at least one output column of the GEMM: d_out elements for the forward,
+// d_in for dx): the C of a GEMM without a branch, so C is never the uninitialised output.
+constexpr size_t kGemmZerosOffset = 256;
 void launch_gemm_scalars(const void* alpha, bool alpha_double, double beta, void* scalars, bool scalars_double,
-                         cudaStream_t stream);
+                         size_t zero_bytes, cudaStream_t stream);
 size_t dense_workspace_bytes();
 struct DenseArgs {
   const void* x;        // (n, d_in)                      forward, sampled
@@ -94,7 +100,7 @@ struct DenseArgs {
   const void* grad;     // (n, d_out)                     dx, sampled
   const void* branch;   // (n, d_out) or nullptr          forward
   void* out;            // forward (n, d_out); dx (n, d_in); sampled (d_out, d_in) in the accumulation type
-  const void* scalars;  // device {alpha, beta}: float64 for float64, else float32 (forward, dx)
+  const void* scalars;  // device {alpha, beta} and zeros (launch_gemm_scalars; forward, dx)
   int64_t n, d_in, d_out;
   void* workspace;
   size_t workspace_bytes;
