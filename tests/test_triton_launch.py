@@ -267,3 +267,19 @@ def test_layouts_made_under_inference_mode(monkeypatch):
     expected = _bsr_reference(layout, x, values, branch, _alpha())
     assert_close(y, expected, torch.float32, "y")
     assert_close(again, expected, torch.float32, "y outside inference mode")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensors_on_a_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the launch runs on cuda:1."""
+    device = torch.device("cuda", 1)
+    layout = random_layout(64, 64, 16, 0.5, seed=6).to(device)
+    x, values, branch = (t.to(device) for t in _bsr_problem(layout))
+    alpha = _alpha().to(device)
+    with torch.cuda.device(0):
+        y = bsr_skip.gpu_forward(x, values, *layout.tensors(), alpha, branch, backend="triton")
+        y_dense = gpu_dispatch.triton_kernels().dense_skip.forward(x, layout.to_dense(values), alpha, branch)
+    expected = _bsr_reference(layout, x, values, branch, alpha)
+    assert y.device == device
+    assert_close(y, expected, torch.float32, "y")
+    assert_close(y_dense, expected, torch.float32, "dense y")
