@@ -95,8 +95,15 @@ def test_jacobian_norm_of_a_scaled_identity(alpha):
 
 
 def test_jacobian_norm_of_spectrally_normalised_mappings_is_one():
-    assert analysis.jacobian_norm(mappings.sparse(32, density=0.5, block=4, seed=1)) == pytest.approx(1.0, abs=1e-6)
-    assert analysis.jacobian_norm(mappings.structural(32, rho=0.5, block=4)) == pytest.approx(1.0, abs=1e-6)
+    sparse = mappings.sparse(32, density=0.5, block=4, seed=1, construction="random")
+    assert analysis.jacobian_norm(sparse) == pytest.approx(1.0, abs=1e-6)
+    structural = mappings.structural(32, rho=0.5, block=4, normalize="spectral")
+    assert analysis.jacobian_norm(structural) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_jacobian_norm_of_default_mappings_is_their_spectral_norm():
+    for mapping in (mappings.sparse(32, density=0.5, block=4, seed=1), mappings.structural(32, block=4)):
+        assert analysis.jacobian_norm(mapping) == pytest.approx(mapping.properties()["spectral_norm"], rel=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -108,7 +115,7 @@ def test_skip_jacobian_is_alpha_times_the_mapping(backend):
         jac = analysis.skip_jacobian(skip)
     assert jac.dtype == torch.float64 and jac.shape == (16, 16)
     torch.testing.assert_close(jac, 0.7 * skip.mapping.matrix().double(), rtol=1e-6, atol=1e-7)
-    assert analysis.jacobian_norm(skip) == pytest.approx(0.7, abs=1e-6)
+    assert analysis.jacobian_norm(skip) == pytest.approx(0.7 * skip.mapping.properties()["spectral_norm"], rel=1e-6)
 
 
 def test_skip_jacobian_of_a_rectangular_matrix():

@@ -1,6 +1,7 @@
 """Mapping constructors (entskip.mappings): the claims of properties(), structure, seeds, learnable kinds."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -126,11 +127,12 @@ def test_haar_signs_fixed_by_diag_r():
 SPARSE_CASES = [(64, 0.5, 8), (64, 0.25, 8), (128, 0.125, 16), (96, 0.3, 8), (64, 1.0, 16), (64, 0.01, 8), (256, 0.25, 32)]
 
 
+@pytest.mark.filterwarnings("ignore:.*one block per block row")  # two cases have k = 1 on purpose
 @pytest.mark.parametrize("dim,density,block", SPARSE_CASES)
 def test_sparse_properties(dim, density, block):
     n = dim // block
     k = min(n, max(1, round(density * n)))
-    mapping = M.sparse(dim, density, block, seed=3, dtype=torch.float64)
+    mapping = M.sparse(dim, density, block, seed=3, construction="random", dtype=torch.float64)
     props = mapping.properties()
     assert abs(props["spectral_norm"] - 1) < 1e-6
     assert abs(M.spectral_norm(mapping.matrix()) - 1) < 1e-10
@@ -158,7 +160,7 @@ def test_sparse_properties(dim, density, block):
 
 
 def test_sparse_float32_spectral_norm():
-    p = M.sparse(128, 0.25, 16, seed=1).properties()
+    p = M.sparse(128, 0.25, 16, seed=1, construction="random").properties()
     assert abs(p["spectral_norm"] - 1) < 1e-6
 
 
@@ -166,7 +168,7 @@ def test_sparse_unnormalized_has_identity_diagonal_and_offdiag_scale():
     dim, block, density = 256, 8, 0.5
     n = dim // block
     k = round(density * n)
-    mapping = M.sparse(dim, density, block, seed=0, normalize=None, dtype=torch.float64)
+    mapping = M.sparse(dim, density, block, seed=0, construction="random", normalize=None, dtype=torch.float64)
     layout = mapping.layout
     diag = reference.block_rows(layout.crow_indices) == layout.col_indices
     assert torch.equal(mapping.blocks[diag], torch.eye(block, dtype=torch.float64).expand(n, block, block))
@@ -176,8 +178,90 @@ def test_sparse_unnormalized_has_identity_diagonal_and_offdiag_scale():
     assert var == pytest.approx(1 / (k * block), rel=0.1)
     assert float(off.mean()) == pytest.approx(0, abs=0.01)
     # Normalized = unnormalized / its spectral norm.
-    normed = M.sparse(dim, density, block, seed=0, dtype=torch.float64)
+    normed = M.sparse(dim, density, block, seed=0, construction="random", dtype=torch.float64)
     torch.testing.assert_close(normed.matrix(), mapping.matrix() / M.spectral_norm(mapping.matrix()), rtol=1e-12, atol=1e-14)
+
+
+# Default (unipotent) sparse: the identity's eigenvalues, a Jacobian norm near 1, real mixing.
+# (512, 1/8, 32) is the issue's reference point; (16|32|64, 1/4, 2) the cnn experiment's widths,
+# (64, 1/4, 8) the vit's; the rest other sizes and densities.
+UNIPOTENT_CASES = [
+    (512, 0.125, 32), (16, 0.25, 2), (32, 0.25, 2), (64, 0.25, 2), (64, 0.25, 8),
+    (256, 0.25, 32), (128, 0.5, 16), (96, 0.3, 8), (256, 0.5, 8),
+]
+
+
+def _offdiag(mapping):
+    layout = mapping.layout
+    diag = reference.block_rows(layout.crow_indices) == layout.col_indices
+    return diag, mapping.blocks.detach().double()
+
+
+@pytest.mark.parametrize("dim,density,block", UNIPOTENT_CASES)
+@pytest.mark.parametrize("seed", [0, 7, 123])
+def test_default_sparse_keeps_the_identitys_spectrum(dim, density, block, seed):
+    mapping = M.sparse(dim, density, block, seed=seed, dtype=torch.float64)
+    p = mapping.properties()
+    assert 0.8 <= p["eig_abs_min"] and p["eig_abs_max"] <= 1.25
+    assert 1.0 - 1e-9 <= p["spectral_norm"] <= 1.25
+    assert p["distance_from_identity"] == pytest.approx(0.15, rel=1e-9)
+    m = mapping.matrix()
+    n = dim // block
+    # Unipotent: (M - I)^n = 0 exactly in exact arithmetic (strictly block-triangular in some order),
+    # so every eigenvalue is 1 even where eigvals() of the defective matrix is inaccurate.
+    nil = torch.linalg.matrix_power(m - torch.eye(dim, dtype=torch.float64), n)
+    assert float(nil.abs().max()) < 1e-12
+    assert p["eig_mean"] == pytest.approx(1.0, abs=1e-12)
+    # Diagonal blocks are I; every off-diagonal block is the same multiple of an orthogonal block.
+    diag, blocks = _offdiag(mapping)
+    assert torch.equal(blocks[diag], torch.eye(block, dtype=torch.float64).expand(n, block, block))
+    off = blocks[~diag]
+    k = min(n, max(1, round(density * n)))
+    assert off.shape[0] == (k - 1) * n - (k - 1) * k // 2  # sum over positions p = 0..n-1 of min(p, k - 1)
+    scale2 = 0.15**2 * dim / (off.shape[0] * block)
+    torch.testing.assert_close(off @ off.mT, scale2 * torch.eye(block, dtype=torch.float64).expand_as(off), atol=1e-12, rtol=0)
+    assert p["density"] == pytest.approx((n + off.shape[0]) / n**2)
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.05, 0.1, 0.3])
+def test_sparse_strength_is_the_distance_from_identity(strength):
+    p = M.sparse(128, 0.25, 16, seed=4, strength=strength, dtype=torch.float64).properties()
+    assert p["distance_from_identity"] == pytest.approx(strength, abs=1e-12)
+    assert 0.8 <= p["eig_abs_min"] and p["eig_abs_max"] <= 1.25
+    assert 1 - 1e-9 <= p["spectral_norm"] <= 1 + 1.6 * strength + 1e-9  # ||I + eps N|| <= 1 + eps ||N||
+    if strength == 0:
+        assert p["spectral_norm"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_sparse_random_construction_is_the_old_contracting_one():
+    """The construction before issue 17 (for old results): norm 1 but eigenvalues well inside the unit disk."""
+    p = M.sparse(512, 0.125, 32, seed=0, construction="random", dtype=torch.float64).properties()
+    assert p["spectral_norm"] == pytest.approx(1.0, abs=1e-9)
+    assert p["eig_abs_max"] < 0.9 and p["eig_abs_mean"] < 0.7 and p["rms_gain"] < 0.7
+    explicit = M.sparse(512, 0.125, 32, seed=0, construction="random", normalize="spectral", dtype=torch.float64)
+    assert torch.equal(explicit.matrix(), M.sparse(512, 0.125, 32, seed=0, construction="random", dtype=torch.float64).matrix())
+    spectral = M.sparse(512, 0.125, 32, seed=0, normalize="spectral", dtype=torch.float64).properties()
+    assert spectral["spectral_norm"] == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("construction", ["unipotent", "random"])
+def test_sparse_one_block_per_row_warns(construction):
+    with pytest.warns(UserWarning, match="one block per block row"):
+        mapping = M.sparse(256, 0.125, 32, construction=construction)  # 8 block rows, k = 1
+    assert torch.equal(mapping.matrix(), torch.eye(256))
+    with pytest.warns(UserWarning, match="one block per block row"):
+        M.sparse(32, 1.0, 32)  # a single block row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M.sparse(256, 0.25, 32)
+
+
+def test_sparse_checkpoints_load_across_constructions():
+    old = M.sparse(64, 0.5, 8, seed=2, construction="random")
+    new = M.sparse(64, 0.5, 8, seed=2)
+    assert old.layout != new.layout
+    new.load_state_dict(old.state_dict())
+    assert torch.equal(new.matrix(), old.matrix())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +281,7 @@ STRUCTURAL_CASES = [(64, 0.5, None, 8), (64, 0.3, 5, 8), (128, 0.6, 12, 16), (64
 
 @pytest.mark.parametrize("dim,rho,bandwidth,block", STRUCTURAL_CASES)
 def test_structural_spectral(dim, rho, bandwidth, block):
-    mapping = M.structural(dim, rho, bandwidth, block, dtype=torch.float64)
+    mapping = M.structural(dim, rho, bandwidth, block, normalize="spectral", dtype=torch.float64)
     m = mapping.matrix()
     bw = block if bandwidth is None else bandwidth
     expected, lag = _toeplitz(dim, rho, bw)
@@ -229,7 +313,7 @@ def test_structural_unnormalized_is_correlation(dim, rho, bandwidth, block):
 
 @pytest.mark.parametrize("dim,rho,bandwidth,block", STRUCTURAL_CASES)
 def test_structural_layout_is_block_band(dim, rho, bandwidth, block):
-    mapping = M.structural(dim, rho, bandwidth, block)
+    mapping = M.structural(dim, rho, bandwidth, block, normalize="spectral")
     bw = block if bandwidth is None else bandwidth
     n = dim // block
     bi = torch.arange(n)
@@ -240,6 +324,20 @@ def test_structural_layout_is_block_band(dim, rho, bandwidth, block):
     assert mapping.density == pytest.approx(float((gap <= bw).float().mean()))
     # Every stored block holds a non-zero (no stored block lies wholly outside the band), unless rho == 0.
     assert bool((mapping.blocks.abs().amax(dim=(1, 2)) > 0).all())
+
+
+@pytest.mark.parametrize("dim,block", [(512, 32), (64, 8), (16, 4), (32, 4), (64, 4), (96, 32)])
+def test_default_structural_keeps_unit_diagonal_and_mean_eigenvalue(dim, block):
+    mapping = M.structural(dim, block=block, dtype=torch.float64)
+    p = mapping.properties()
+    m = mapping.matrix()
+    assert torch.equal(torch.diagonal(m), torch.ones(dim, dtype=torch.float64))
+    assert abs(p["eig_mean"] - 1) < 0.1 and p["eig_mean"] == pytest.approx(1.0, abs=1e-12)
+    eig = torch.linalg.eigvalsh(m)
+    assert float(eig.sum() / dim) == pytest.approx(1.0, abs=1e-12)
+    assert 0.8 <= float(eig[0]) and float(eig[-1]) <= 1.25
+    assert p["spectral_norm"] == pytest.approx(float(eig[-1]), rel=1e-10)
+    assert p["distance_from_identity"] >= 0.1
 
 
 def test_structural_not_positive_definite_raises():
@@ -284,6 +382,49 @@ def test_op_matches_reference(build):
     torch.testing.assert_close(y, reference.skip_add(x, m, r, 0.8), rtol=1e-6, atol=1e-6)
 
 
+PROPERTY_BUILDS = {
+    "identity": lambda d, s: M.identity(d),
+    "orthogonal": lambda d, s: M.orthogonal(d, seed=s),
+    "block_orthogonal": lambda d, s: M.block_orthogonal(d, 8, seed=s),
+    "permutation": lambda d, s: M.permutation(d, seed=s),
+    "sparse": lambda d, s: M.sparse(d, 0.5, 8, seed=s),
+    "sparse_random": lambda d, s: M.sparse(d, 0.5, 8, seed=s, construction="random"),
+    "structural": lambda d, s: M.structural(d, block=8),
+}
+
+
+@pytest.mark.parametrize("kind", list(PROPERTY_BUILDS))
+@pytest.mark.parametrize("dim,seed", [(32, 0), (64, 5), (128, 11)])
+def test_properties_measure_what_they_name(kind, dim, seed):
+    mapping = PROPERTY_BUILDS[kind](dim, seed)
+    p = mapping.properties()
+    m = _dense64(mapping)
+    eye = torch.eye(dim, dtype=torch.float64)
+    eig = torch.linalg.eigvals(m).abs()
+    assert p["spectral_norm"] == pytest.approx(float(torch.linalg.matrix_norm(m, 2)), rel=1e-6)
+    assert p["rms_gain"] == pytest.approx(float(torch.trace(m.T @ m) / dim) ** 0.5, rel=1e-6)
+    assert p["eig_abs_min"] == pytest.approx(float(eig.min()), abs=1e-6)
+    assert p["eig_abs_max"] == pytest.approx(float(eig.max()), abs=1e-6)
+    assert p["eig_abs_mean"] == pytest.approx(float(eig.mean()), abs=1e-6)
+    assert p["eig_mean"] == pytest.approx(float(torch.trace(m)) / dim, abs=1e-6)
+    assert p["distance_from_identity"] == pytest.approx(float(((m - eye) ** 2).sum().sqrt()) / dim**0.5, abs=1e-6)
+    assert p["density"] == pytest.approx(mapping.density)
+    assert p["orthogonality_error"] == pytest.approx(float((m.T @ m - eye).abs().max()), abs=1e-6)
+    if kind in ("identity", "orthogonal", "block_orthogonal", "permutation"):
+        assert p["eig_abs_min"] == pytest.approx(1, abs=1e-5) and p["eig_abs_max"] == pytest.approx(1, abs=1e-5)
+        assert p["rms_gain"] == pytest.approx(1, abs=1e-5) and p["spectral_norm"] == pytest.approx(1, abs=1e-5)
+    if kind in ("sparse", "structural"):  # the defaults keep what the identity has, as far as their kind allows
+        assert 0.8 <= p["eig_abs_min"] and p["eig_abs_max"] <= 1.25 and 1 - 1e-5 <= p["spectral_norm"] <= 1.25
+        assert abs(p["eig_mean"] - 1) < 0.1 and p["distance_from_identity"] >= 0.1
+    assert (kind == "identity") == (p["distance_from_identity"] == 0)
+
+
+def test_properties_of_a_rectangular_mapping():
+    p = M.DenseMapping(torch.ones(3, 5, dtype=torch.float64)).properties()
+    assert p["spectral_norm"] == pytest.approx(15**0.5) and p["rms_gain"] == pytest.approx(3**0.5)
+    assert "eig_abs_min" not in p and "distance_from_identity" not in p
+
+
 # ---------------------------------------------------------------------------------------------
 # Reproducibility
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +461,8 @@ def test_make_matches_constructors():
     assert torch.equal(M.make("permutation", 32, seed=3).matrix(), M.permutation(32, seed=3).matrix())
     assert torch.equal(M.make("structural", 32, rho=0.3, block=8).matrix(), M.structural(32, 0.3, block=8).matrix())
     assert torch.equal(M.make("identity", 32).matrix(), torch.eye(32))
-    kinds = {name: M.make(name, 64, **({"block": 8} if name in ("sparse", "structural", "block_orthogonal") else {})).kind for name in M.MAPPINGS}
+    kwargs = {"sparse": {"block": 8, "density": 0.25}, "structural": {"block": 8}, "block_orthogonal": {"block": 8}}
+    kinds = {name: M.make(name, 64, **kwargs.get(name, {})).kind for name in M.MAPPINGS}
     assert kinds == {name: name for name in M.MAPPINGS}
 
 
@@ -426,6 +568,9 @@ BAD_ARGS = [
     ("permutation_dim_negative", lambda: M.permutation(-4), "dim"),
     ("identity_dim_float", lambda: M.identity(64.0), "dim"),
     ("sparse_normalize_unknown", lambda: M.sparse(64, 0.5, 8, normalize="frobenius"), "normalize"),
+    ("sparse_construction_unknown", lambda: M.sparse(64, 0.5, 8, construction="dense"), "construction"),
+    ("sparse_strength_negative", lambda: M.sparse(64, 0.5, 8, strength=-0.1), "strength"),
+    ("sparse_strength_nan", lambda: M.sparse(64, 0.5, 8, strength=float("nan")), "strength"),
     ("structural_normalize_unknown", lambda: M.structural(64, 0.5, block=8, normalize="max"), "normalize"),
 ]
 

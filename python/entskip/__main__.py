@@ -44,7 +44,7 @@ def main(argv=None) -> None:
         "block_orthogonal": mappings.block_orthogonal(d, block=32),
         "permutation": mappings.permutation(d),
         "sparse 1/8": mappings.sparse(d, density=0.125, block=32),
-        "structural": mappings.structural(d, rho=0.5, block=32),
+        "structural": mappings.structural(d, block=32),
     }
     header = f"{'mapping':<17}{'|M|_2':>7}{'|eig| range':>16}{'density':>9}{'max err':>10}{'fused ms':>10}{'eager ms':>10}{'x+r ms':>8}"
     print(f"y = 0.8 * (x @ M^T) + r, x and r: {n} x {d} float32")

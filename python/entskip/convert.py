@@ -53,7 +53,8 @@ __all__ = [
     "supported_blocks",
 ]
 
-# Zhang et al.: at or below this alpha the branch output projections must start at zero.
+# entskip's heuristic, not a threshold from Zhang et al. (their released MAE code zero-initialises the
+# branch output projections in every run, baseline and decayed alike): warn below this alpha without zero-init.
 _ZERO_INIT_ALPHA = 0.7
 
 
@@ -256,8 +257,8 @@ def entangle(
         schedule: the ``alpha_l``:
 
             - ``"decay"``: :func:`entskip.schedules.decayed` down to ``alpha_min``
-              (default 0.8, the lowest value Zhang et al. report without
-              zero-initialised branches). When every converted block has two skips
+              (default 0.8; Zhang et al.'s released MAE script uses 0.7 with
+              zero-initialised branches, SiT 0.8). When every converted block has two skips
               (ViT-style attention + MLP), each sub-layer gets its own value
               (``per_sublayer=True``: 1.0 first, ``alpha_min`` last); otherwise
               ``alpha_l = 1 - l (1 - alpha_min) / S`` for ``l = 1..S`` skips.
@@ -266,9 +267,10 @@ def entangle(
         alpha_min: the last skip's alpha of ``"decay"`` (only with that schedule).
         alpha: the value of ``"constant"`` (only with that schedule).
         zero_init_branch: zero the weight and bias of each converted block's branch
-            output layer, so every branch starts as the zero function (Zhang et al.
-            need it at ``alpha_min <= 0.7``; a warning says so when it is off). Do not
-            use it on pretrained weights.
+            output layer, so every branch starts as the zero function (Zhang et al.'s
+            released code does this in every run, baseline included; entskip warns
+            when it is off and some alpha is at or below 0.7, a heuristic of its own,
+            not a threshold from the paper). Do not use it on pretrained weights.
         learnable_alpha: make each ``alpha_l`` a parameter instead of a buffer. The
             parameter is 0-d, which FSDP2's ``fully_shard`` rejects; DDP takes it.
         **mapping_kwargs: passed to the mapping constructor (``density``, ``block``,
@@ -334,8 +336,8 @@ def entangle(
 
     if not zero_init_branch and min(alphas) <= _ZERO_INIT_ALPHA:
         warnings.warn(
-            f"entangle: the smallest alpha is {min(alphas):.3g} <= {_ZERO_INIT_ALPHA}; Zhang et al. start the branch "
-            "output projections at zero there (zero_init_branch=True)",
+            f"entangle: the smallest alpha is {min(alphas):.3g} <= {_ZERO_INIT_ALPHA}; Zhang et al.'s released code "
+            "starts the branch output projections at zero (zero_init_branch=True)",
             stacklevel=2,
         )
     return model

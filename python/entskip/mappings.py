@@ -27,6 +27,7 @@ it a parameter; orthogonal kinds then stay orthogonal through a parametrization.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -120,17 +121,29 @@ class Mapping(nn.Module):
     def properties(self) -> dict[str, float]:
         """Measured attributes of ``M`` in float64 (``O(D^3)``: meant for checks, not loops).
 
-        ``spectral_norm`` (the Jacobian norm of the skip), ``min_singular_value``,
-        ``density``; for square ``M`` also ``eig_abs_min``/``eig_abs_max`` (range of
-        eigenvalue moduli) and ``orthogonality_error`` (``max |M^T M - I|``).
+        Always: ``spectral_norm`` (the Jacobian norm of the skip), ``min_singular_value``,
+        ``rms_gain`` (``sqrt(tr(M^T M) / D_in)``: the gain on a white input), ``density``.
+        For square ``M`` also the eigenvalue moduli ``eig_abs_min``/``eig_abs_mean``/
+        ``eig_abs_max``, the mean eigenvalue ``eig_mean`` (``tr(M) / D``, real),
+        ``distance_from_identity`` (``||M - I||_F / sqrt(D)``) and
+        ``orthogonality_error`` (``max |M^T M - I|``).
         """
         m = self.matrix().detach().to("cpu", torch.float64)
         sv = torch.linalg.svdvals(m)
-        out = {"spectral_norm": float(sv[0]), "min_singular_value": float(sv[-1]), "density": self.density}
+        out = {
+            "spectral_norm": float(sv[0]),
+            "min_singular_value": float(sv[-1]),
+            "rms_gain": float(sv.square().sum().div(m.shape[1]).sqrt()),
+            "density": self.density,
+        }
         if m.shape[0] == m.shape[1]:
+            eye = torch.eye(m.shape[0], dtype=m.dtype)
             moduli = torch.linalg.eigvals(m).abs()
             out["eig_abs_min"], out["eig_abs_max"] = float(moduli.min()), float(moduli.max())
-            out["orthogonality_error"] = float((m.mT @ m - torch.eye(m.shape[0], dtype=m.dtype)).abs().max())
+            out["eig_abs_mean"] = float(moduli.mean())
+            out["eig_mean"] = float(torch.diagonal(m).mean())
+            out["distance_from_identity"] = float(torch.linalg.matrix_norm(m - eye) / math.sqrt(m.shape[0]))
+            out["orthogonality_error"] = float((m.mT @ m - eye).abs().max())
         return out
 
     def extra_repr(self) -> str:
@@ -384,39 +397,118 @@ def _normalized(values: Tensor, layout: BlockLayout, normalize: str | None) -> T
     return values / spectral_norm(layout.to_dense(values))
 
 
+def _blocks_per_row(dim: int, block: int, density) -> int:
+    """``k = max(1, round(density * D / b))`` stored blocks per block row; warns at ``k = 1``."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    n = dim // block
+    k = min(n, max(1, round(density * n)))
+    if k == 1:
+        warnings.warn(
+            f"sparse(dim={dim}, density={density}, block={block}) has one block per block row "
+            f"({n} block rows): the mapping is the identity; raise the density or lower the block size",
+            UserWarning,
+            stacklevel=3,
+        )
+    return k
+
+
+def _random_mask(n: int, k: int, gen: torch.Generator) -> BlockLayout:
+    """The diagonal plus ``k - 1`` uniformly drawn other blocks in every block row (``construction="random"``)."""
+    mask = torch.eye(n, dtype=torch.bool)
+    for i in range(n):
+        others = torch.randperm(n - 1, generator=gen)[: k - 1]
+        mask[i, others + (others >= i).long()] = True
+    return mask
+
+
+def _unipotent_mask(n: int, k: int, gen: torch.Generator) -> Tensor:
+    """The diagonal plus, in block row ``i``, ``min(k - 1, rank(i))`` blocks of columns earlier
+    in a random order of the block indices (``rank(i)`` = position of ``i`` in that order,
+    the least-used columns first): strictly block-triangular off the diagonal in that order."""
+    order = torch.randperm(n, generator=gen)
+    mask = torch.eye(n, dtype=torch.bool)
+    uses = torch.zeros(n)
+    for position in range(1, n):
+        earlier = order[:position]
+        # The least-used earlier columns first (random ties): even column loads keep ||N|| low.
+        rank = uses[earlier] + torch.rand(position, generator=gen)
+        chosen = earlier[rank.argsort()[: k - 1]]
+        mask[order[position], chosen] = True
+        uses[chosen] += 1
+    return mask
+
+
+SPARSE_CONSTRUCTIONS = ("unipotent", "random")
+
+
 def sparse(
     dim: int,
     density: float = 0.125,
     block: int = 32,
     *,
     seed: int = 0,
-    normalize: str | None = "spectral",
+    strength: float = 0.15,
+    construction: str = "unipotent",
+    normalize: str | None = "auto",
     learnable: bool = False,
     dtype=None,
     device=None,
 ) -> BlockSparseMapping:
-    """The Entangled paper's sparse mapping, as entskip constructs it.
+    """The Entangled paper's sparse mapping: identity diagonal blocks plus ``b x b`` blocks
+    that mix channel groups, stored block-sparse (``k = max(1, round(density * D / b))``
+    blocks in a full block row).
 
-    Identity diagonal blocks plus random off-diagonal blocks so that every block row
-    holds ``k = max(1, round(density * D / b))`` blocks; off-diagonal entries are
-    ``N(0, 1 / (k b))``. With ``normalize="spectral"`` (default) the matrix is divided
-    by its spectral norm, so the skip's Jacobian norm is 1 like the identity's. Keeps
-    the identity's sparse, diagonal-dominant structure. Block sizes 16, 32 and 64 are
-    the ones the GPU kernels are tuned for; any block dividing ``dim`` is accepted.
+    ``construction="unipotent"`` (default): ``M = I + strength * N`` with ``N``
+    strictly block-triangular in a random order of the block indices (block row ``i``
+    gets up to ``k - 1`` off-diagonal blocks, each a Haar-random orthogonal ``b x b``
+    block; the first ``k - 1`` rows of that order have fewer, so the density is
+    ``(n k - k (k - 1) / 2) / n^2`` for ``n = D / b`` block rows). ``N`` is rescaled
+    so that ``||N||_F = sqrt(D)``, hence ``||M - I||_F / sqrt(D) = strength`` exactly.
+    Kept from the identity: **every eigenvalue is exactly 1** (``M`` is unipotent,
+    ``det M = 1``), the diagonal blocks are ``I`` and the sparsity is block-sparse.
+    Given up: orthogonality; the spectral norm is at least 1 (the singular values
+    multiply to ``|det M| = 1``) and grows with ``strength``: at the default 0.15 it is
+    1.15-1.23 for 8 to 32 block rows and densities 1/8 to 1/2 (0.1: about 1.1; 0.25:
+    1.25-1.35). ``strength`` trades how much the mapping mixes channel groups against
+    how far its Jacobian norm leaves 1.
+
+    ``construction="random"`` (entskip before issue 17; for old results): every block
+    row holds the diagonal ``I`` and exactly ``k - 1`` uniformly drawn off-diagonal
+    blocks of ``N(0, 1 / (k b))`` entries. With ``normalize="spectral"`` (its default)
+    the matrix is divided by its spectral norm: Jacobian norm 1, but eigenvalue moduli
+    about 0.1-0.8, a contracting skip. ``strength`` does not apply to it.
+
+    ``normalize``: ``"auto"`` (``None`` for ``"unipotent"``, ``"spectral"`` for
+    ``"random"``), ``"spectral"`` (divide by the spectral norm) or ``None``.
+
+    A density giving one block per block row makes ``M = I``: a ``UserWarning`` says
+    so. Block sizes 16, 32 and 64 are the ones the GPU kernels are tuned for; any
+    block dividing ``dim`` is accepted. Checkpoints of either construction load into
+    either (the layout comes with the ``state_dict``).
     """
     dim = _check_dim(dim)
     block = _check_block(dim, block)
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if construction not in SPARSE_CONSTRUCTIONS:
+        raise ValueError(f"construction must be one of {SPARSE_CONSTRUCTIONS}, got {construction!r}")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength < math.inf:
+        raise ValueError(f"strength must be a non-negative finite number, got {strength!r}")
+    if normalize == "auto":
+        normalize = None if construction == "unipotent" else "spectral"
+    if normalize not in (None, "spectral"):
+        raise ValueError(f"normalize must be 'auto', 'spectral' or None, got {normalize!r}")
+    k = _blocks_per_row(dim, block, density)
     n = dim // block
-    k = min(n, max(1, round(density * n)))
     gen = _generator(seed)
-    mask = torch.eye(n, dtype=torch.bool)
-    for i in range(n):
-        others = torch.randperm(n - 1, generator=gen)[: k - 1]
-        mask[i, others + (others >= i).long()] = True
-    layout = BlockLayout.from_mask(mask, block)
-    values = torch.randn(layout.nnzb, block, block, generator=gen, dtype=torch.float64) / math.sqrt(k * block)
+    if construction == "random":
+        layout = BlockLayout.from_mask(_random_mask(n, k, gen), block)
+        values = torch.randn(layout.nnzb, block, block, generator=gen, dtype=torch.float64) / math.sqrt(k * block)
+    else:
+        layout = BlockLayout.from_mask(_unipotent_mask(n, k, gen), block)
+        values = _haar((layout.nnzb, block, block), int(torch.randint(2**62, (1,), generator=gen)))
+        off = layout.nnzb - n
+        if off:
+            values *= strength * math.sqrt(dim / (off * block))  # ||N||_F^2 = off * b -> strength^2 * D
     values[reference.block_rows(layout.crow_indices) == layout.col_indices] = torch.eye(block, dtype=torch.float64)
     mapping = BlockSparseMapping(layout, _normalized(values, layout, normalize), learnable=learnable)
     mapping.kind = "sparse"
@@ -425,23 +517,34 @@ def sparse(
 
 def structural(
     dim: int,
-    rho: float = 0.5,
+    rho: float = 0.1,
     bandwidth: int | None = None,
     block: int = 32,
     *,
-    normalize: str | None = "spectral",
+    normalize: str | None = None,
     learnable: bool = False,
     dtype=None,
     device=None,
 ) -> BlockSparseMapping:
     """A banded Toeplitz correlation matrix ``C_ij = rho^|i-j|`` for ``|i-j| <= bandwidth``.
 
-    Symmetric with a constant diagonal and positive real eigenvalues (positive
-    definiteness is checked; a band that breaks it raises ``ValueError``). Stored
-    block-banded; ``bandwidth`` defaults to ``block``. ``normalize="spectral"``
-    (default) rescales to spectral norm 1, which makes the diagonal ``1 / lambda_max``;
-    ``normalize=None`` keeps the unit diagonal of a correlation matrix. Deterministic:
-    there is nothing random to seed.
+    Symmetric, positive definite (checked; a band that breaks it raises
+    ``ValueError``), stored block-banded; ``bandwidth`` defaults to ``block``.
+    ``rho`` is the strength: ``||C - I||_F / sqrt(D)`` is about
+    ``rho * sqrt(2 / (1 - rho^2))``.
+
+    ``normalize=None`` (default): the correlation matrix itself. Kept from the identity:
+    the unit diagonal, so the **mean eigenvalue is exactly 1** (``tr C / D``), all
+    eigenvalues real and positive, in about ``[(1 - rho) / (1 + rho), (1 + rho) / (1 - rho)]``
+    (0.82-1.22 at the default ``rho = 0.1``), symmetry (a gradient-flow-preserving
+    positive-definite Jacobian). Given up: the spectral norm exceeds 1 (about
+    ``(1 + rho) / (1 - rho)``).
+
+    ``normalize="spectral"``: divided by the spectral norm (Jacobian norm 1, diagonal
+    ``1 / lambda_max``); the mean eigenvalue then falls to about ``(1 - rho) / (1 + rho)``
+    (0.33 at ``rho = 0.5``): a contracting low-pass filter over the channel order.
+    ``structural(dim, rho=0.5, normalize="spectral")`` is entskip's construction before
+    issue 17 (for old results). Deterministic: there is nothing random to seed.
     """
     dim = _check_dim(dim)
     block = _check_block(dim, block)

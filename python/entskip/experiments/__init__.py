@@ -1,19 +1,22 @@
-"""Small-scale reproductions of the two papers' findings: ``python -m entskip.experiments <name>``.
+"""Small-scale tests of the two papers' claims: ``python -m entskip.experiments <name>``.
 
 Each experiment trains entskip's own models (:mod:`entskip.models`) with skips built
 by :func:`entskip.entangle` on data that ships with scikit-learn or is generated
-(nothing is downloaded), on the CPU in a few minutes, and writes ``<name>.json`` (the
-settings, per-seed results and their mean and standard deviation) and ``<name>.png``:
+(nothing is downloaded), on the CPU, over 5 seeds that pair the compared arms (same
+data and initial weights), and writes ``<name>.json`` (settings, versions, per-seed
+results, paired differences with 95 % t-intervals and a verdict per claim) and
+``<name>.png``:
 
-- ``cnn``: ResNet-20 on the 8x8 digits, identity / orthogonal / sparse / structural
-  skips (Lechner et al. 2022).
-- ``vit``: a small ViT on the digits, the same four mappings.
+- ``cnn``: ResNet-14 on generated cluttered digits (:mod:`.images`), identity /
+  orthogonal / sparse / block_orthogonal / structural skips (Lechner et al. 2022).
+- ``vit``: a small ViT on the same task, the same five mappings.
 - ``rnn``: a residual RNN, identity vs orthogonal recurrent skip, on a generated
   time-variant and a generated time-invariant task.
-- ``mae``: a masked autoencoder with standard vs depth-decayed identity shortcuts
-  (Zhang et al. 2024): kNN and linear-probe accuracy and effective rank per layer.
+- ``mae``: Zhang et al.'s MAE (decoder skips, zero-init in both arms) with standard vs
+  depth-decayed identity shortcuts (``alpha_min = 0.7``), and an ablation without
+  the decoder skips: kNN and linear-probe accuracy and effective rank per layer.
 
-Needs scikit-learn (the digits), matplotlib and tqdm besides torch.
+Needs scikit-learn (the digits), scipy (the t-intervals), matplotlib and tqdm besides torch.
 """
 
 from __future__ import annotations

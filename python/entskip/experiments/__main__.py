@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: the experiment's)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; runs use seed, seed + 1, ... (default: 0)")
-    parser.add_argument("--seeds", type=int, default=None, help="runs per configuration (default: the experiment's, 3)")
+    parser.add_argument("--seeds", type=int, default=None, help="runs per configuration (default: the experiment's, 5)")
     parser.add_argument("--out", type=Path, default=Path("experiments/results"), help="output folder")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each training run after this many steps")
     parser.add_argument(

@@ -195,6 +195,30 @@ def summary(values: Iterable[float]) -> dict[str, object]:
     return {"mean": statistics.fmean(values), "std": std, "values": values}
 
 
+def paired(differences: Iterable[float]) -> dict[str, object]:
+    """:func:`summary` of per-seed paired differences plus ``ci95``: the 95 % Student-t
+    interval of their mean over seeds, ``mean +- t_{0.975, n-1} * std / sqrt(n)``
+    (``[mean, mean]`` for a single seed, where no interval exists)."""
+    out = summary(differences)
+    n = len(out["values"])
+    half = 0.0
+    if n > 1:
+        from scipy.stats import t
+
+        half = float(t.ppf(0.975, n - 1)) * out["std"] / math.sqrt(n)
+    out["ci95"] = [out["mean"] - half, out["mean"] + half]
+    return out
+
+
+def verdict(ci95: list[float], expected_sign: int) -> str:
+    """``"agrees"`` if the interval lies wholly on the side ``expected_sign`` (+1 or -1)
+    of zero, ``"disagrees"`` if wholly on the other side, else ``"not resolved"``."""
+    lo, hi = ci95
+    if lo > 0 or hi < 0:
+        return "agrees" if (lo > 0) == (expected_sign > 0) else "disagrees"
+    return "not resolved"
+
+
 def progress_bar(total: int, desc: str, enabled: bool):
     """A tqdm progress bar counting training epochs."""
     from tqdm import tqdm
@@ -271,6 +295,20 @@ def bars(ax, groups: dict[str, dict], ylabel: str, title: str, reference: tuple[
     ax.set_xticks(range(len(names)), names, rotation=15)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+
+
+def intervals(ax, groups: dict[str, dict], ylabel: str, title: str) -> None:
+    """Each group's mean with its ``ci95`` as an error bar, seeds as dots, a line at 0."""
+    names = list(groups)
+    for i, k in enumerate(names):
+        lo, hi = groups[k]["ci95"]
+        mean = groups[k]["mean"]
+        ax.errorbar([i], [mean], yerr=[[mean - lo], [hi - mean]], fmt="s", color="#345", capsize=5)
+        ax.plot([i] * len(groups[k]["values"]), groups[k]["values"], "o", color="#999", ms=3)
+    ax.axhline(0.0, color="#c44", ls="--", lw=1)
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
 
 
 def curves(ax, runs: dict[str, list[list[float]]], ylabel: str, title: str) -> None:

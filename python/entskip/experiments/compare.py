@@ -27,9 +27,11 @@ from .common import (
     accuracy,
     bars,
     cross_entropy,
+    intervals,
     curves,
     environment,
     figure,
+    paired,
     progress_bar,
     save_figure,
     seed_everything,
@@ -61,7 +63,7 @@ def _skip_report(model: nn.Module) -> tuple[list[dict], list[list[float]]]:
     """Per-skip measurements, and the eigenvalues ``[re, im]`` of the last (deepest) skip.
 
     Returns ``([{"name", "kind", "dim", "alpha", "jacobian_norm", "eig_abs_min",
-    "eig_abs_max"}, ...], [[re, im], ...])`` over every :class:`entskip.EntangledSkip`
+    "eig_abs_max", "rms_gain", "distance_from_identity"}, ...], [[re, im], ...])`` over every :class:`entskip.EntangledSkip`
     in ``model`` (projection shortcuts' skips included: they stay identities).
     """
     report, eig = [], None
@@ -78,6 +80,7 @@ def _skip_report(model: nn.Module) -> tuple[list[dict], list[list[float]]]:
                 "jacobian_norm": analysis.jacobian_norm(skip),
                 "eig_abs_min": float(eig.abs().min()),
                 "eig_abs_max": float(eig.abs().max()),
+                **{k: skip.mapping.properties()[k] for k in ("rms_gain", "distance_from_identity")},
             }
         )
     return report, [[float(z.real), float(z.imag)] for z in eig]
@@ -95,8 +98,9 @@ def compare(setup: Setup, settings: Settings, epochs: int, seeds: list[int], bar
     """Train ``setup.build()`` with each of ``setup.mappings`` for each seed.
 
     Returns, per mapping: ``test_acc`` and ``train_acc`` (:func:`summary` over seeds,
-    after the last epoch), ``delta_vs_identity`` (paired per-seed difference of test
-    accuracy to the identity run, when ``"identity"`` is among the mappings),
+    after the last epoch), ``delta_vs_identity`` (:func:`paired` per-seed difference of
+    test accuracy to the identity run, with its 95 % t-interval, when ``"identity"`` is
+    among the mappings),
     ``history`` (``{"test_acc": [[per epoch] per seed], "loss": [...]}``), ``skips``
     and ``eigenvalues`` (:func:`_skip_report` of the first seed's model).
     """
@@ -128,7 +132,7 @@ def compare(setup: Setup, settings: Settings, epochs: int, seeds: list[int], bar
     for name, r in out.items():
         results[name] = {"test_acc": summary(r["test"]), "train_acc": summary(r["train"])}
         if "identity" in out:
-            results[name]["delta_vs_identity"] = summary(a - b for a, b in zip(r["test"], out["identity"]["test"]))
+            results[name]["delta_vs_identity"] = paired(a - b for a, b in zip(r["test"], out["identity"]["test"]))
         results[name].update(history=r["history"], skips=r["skips"], eigenvalues=r["eigenvalues"])
     return results
 
@@ -156,25 +160,28 @@ def run(setups: dict[str, Setup], settings: Settings, epochs: int, seeds: int, d
 def plot(results: dict, path) -> None:
     """One row of :func:`plot_panels` per setup of a :func:`run` result, saved as a PNG."""
     groups = results["results"]
-    fig, rows = figure(len(groups), 3)
+    fig, rows = figure(len(groups), 4)
     for axes, (name, group) in zip(rows, groups.items()):
         plot_panels(axes, group, name)
     save_figure(fig, path)
 
 
 def plot_panels(axes, results: dict[str, dict], title: str) -> None:
-    """Three panels for one comparison: final test accuracy per mapping (bars, seeds as
-    dots), test accuracy over epochs, and the eigenvalues of the Jacobian of each
-    mapping's last skip on the complex plane."""
+    """Four panels for one comparison: final test accuracy per mapping (bars, seeds as
+    dots), the paired difference to the identity with its 95 % interval, test accuracy
+    over epochs, and the eigenvalues of the Jacobian of each mapping's last skip on the
+    complex plane."""
     bars(axes[0], {k: v["test_acc"] for k, v in results.items()}, "test accuracy", f"{title}: final test accuracy")
-    curves(axes[1], {k: v["history"]["test_acc"] for k, v in results.items()}, "test accuracy", f"{title}: test accuracy")
+    intervals(axes[1], {k: v["delta_vs_identity"] for k, v in results.items() if k != "identity"},
+              "test accuracy - identity's", f"{title}: paired difference, 95 % CI")
+    curves(axes[2], {k: v["history"]["test_acc"] for k, v in results.items()}, "test accuracy", f"{title}: test accuracy")
     theta = torch.linspace(0, 2 * torch.pi, 200)
-    axes[2].plot(theta.cos(), theta.sin(), color="#bbb", lw=0.8)
+    axes[3].plot(theta.cos(), theta.sin(), color="#bbb", lw=0.8)
     for name, r in results.items():
         eig = torch.tensor(r["eigenvalues"])
-        axes[2].scatter(eig[:, 0], eig[:, 1], s=10, label=f"{name} (dim {len(eig)})", alpha=0.7)
-    axes[2].set_aspect("equal")
-    axes[2].set_xlabel("Re")
-    axes[2].set_ylabel("Im")
-    axes[2].set_title(f"{title}: last skip's Jacobian eigenvalues", fontsize=10)
-    axes[2].legend(fontsize=7, loc="lower left")
+        axes[3].scatter(eig[:, 0], eig[:, 1], s=10, label=f"{name} (dim {len(eig)})", alpha=0.7)
+    axes[3].set_aspect("equal")
+    axes[3].set_xlabel("Re")
+    axes[3].set_ylabel("Im")
+    axes[3].set_title(f"{title}: last skip's Jacobian eigenvalues", fontsize=10)
+    axes[3].legend(fontsize=7, loc="lower left")

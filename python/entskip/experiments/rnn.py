@@ -30,10 +30,10 @@ from torch import Tensor
 from entskip.models import ResidualRNN
 
 from . import compare
-from .common import Optim, Settings
+from .common import Optim, Settings, verdict
 
 EPOCHS = 25
-SEEDS = 3
+SEEDS = 5
 LENGTH = 24
 SYMBOLS = 8
 TRAIN, TEST = 4000, 1000
@@ -86,9 +86,17 @@ def setup(task: str) -> compare.Setup:
 
 
 def run(settings: Settings) -> dict:
-    """Train both recurrent skips on both tasks for every seed; returns the :func:`compare.run` result."""
+    """Train both recurrent skips on both tasks for every seed; returns the :func:`compare.run`
+    result and the verdicts (orthogonal - identity: expected > 0 on the time-variant task,
+    < 0 on the time-invariant one, judged by the paired 95 % t-interval over seeds)."""
     setups = {task: setup(task) for task in ("time_variant", "time_invariant")}
-    return {"claim": CLAIM, **compare.run(setups, settings, EPOCHS, SEEDS, "rnn")}
+    result = compare.run(setups, settings, EPOCHS, SEEDS, "rnn")
+    verdicts = []
+    for task, sign in (("time_variant", +1), ("time_invariant", -1)):
+        delta = result["results"][task]["orthogonal"]["delta_vs_identity"]
+        verdicts.append({"setup": task, "mapping": "orthogonal", "expected_sign": sign, "mean": delta["mean"],
+                         "ci95": delta["ci95"], "verdict": verdict(delta["ci95"], sign)})
+    return {"claim": CLAIM, **result, "verdicts": verdicts}
 
 
 plot = compare.plot
