@@ -7,17 +7,19 @@
 # Most informative step first. Each step runs under its own `timeout`, capped by what is left of
 # the command's budget (GPU_CHECK_BUDGET, 330 s), so a command ends within 6 minutes; a step with
 # under 15 s left, or after a failed build, is reported NOT RUN. Files written to OUT (8 at most
-# over both commands): A.log / B.log (every step's output) and summary-A.txt / summary-B.txt (one
-# line per step: PASS, FAIL, TIMEOUT or NOT RUN with the reason), plus B's benchmark JSON and PNG
-# for blocks 32 and 64. A sanitizer that refuses the device ("Device not supported") is NOT RUN,
+# over both commands): A.log / B.log (every step's output), summary-A.txt / summary-B.txt (one
+# line per step: PASS, FAIL, TIMEOUT or NOT RUN with the reason), A's entskip-lib.tar.gz, and B's
+# benchmark JSON for blocks 32 and 64 with the PNG of block 32. A sanitizer that refuses the device ("Device not supported") is NOT RUN,
 # never PASS. Exit status: 0 every step passed, 1 a step failed or timed out, 2 none failed but
 # some did not run.
 #
-# A keeps the library it built in .gpu-check/lib (gitignored, about 15 MiB) and Triton's compiled
-# kernels in .gpu-check/triton-cache. B reuses the installed build on the same machine; on a fresh
-# machine the device tool brings the library back with carry=[".gpu-check/lib"] (add
-# ".gpu-check/triton-cache" if A's summary shows it fits the 64 MiB), and B installs it editable
-# without compiling. B rebuilds only when setup.py or csrc/ changed since A.
+# A keeps the library it built in .gpu-check/lib (gitignored) and returns it as
+# OUT/entskip-lib.tar.gz (about 5 MiB). B reuses the installed build while the machine is warm;
+# on a fresh machine, unpack A's tarball into .gpu-check/ of the checkout that travels
+# (`mkdir -p .gpu-check && tar -xzf <A's files>/entskip-lib.tar.gz -C .gpu-check`) and run B
+# with carry=[".gpu-check/lib"]: B then installs it editable without compiling. B rebuilds only
+# when setup.py or csrc/ changed since A (or nothing was carried). Triton's cache goes to
+# .gpu-check/triton-cache (reused while warm).
 #
 # PYTHON (default python3) is the interpreter; CUDA_HOME defaults to the toolkit of nvcc.
 set -uo pipefail
@@ -52,7 +54,8 @@ print('GPU', torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_c
     "$PY" -m pip install --no-build-isolation --no-deps -e . || exit 1
     lib=$(built_lib)
     [ -n "$lib" ] || { echo "no python/entskip/_C.*.so after the build"; exit 1; }
-    mkdir -p "$LIB" && cp "$lib" "$LIB/" && native_hash > "$LIB/native.sha256"
+    mkdir -p "$LIB" && cp "$lib" "$LIB/" && native_hash > "$LIB/native.sha256" || exit 1
+    [ -n "${GPU_CHECK_OUT:-}" ] && { tar -czf "$GPU_CHECK_OUT/entskip-lib.tar.gz" -C "$CARRY" lib || exit 1; }
     exec "$PY" -c "from entskip import gpu_dispatch as g; assert g.cuda_kernels_available(), 'built without CUDA kernels'; print('CUDA kernels:', True, '| Triton:', g.triton_available())"
     ;;
   _prepare)  # B: the installed build if current, else A's library, else a build
@@ -87,6 +90,7 @@ if [ -z "${CUDA_HOME:-}" ]; then
   if [ -n "$nvcc_path" ]; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$nvcc_path")")"); else CUDA_HOME=/usr/local/cuda; fi
 fi
 export CUDA_HOME PYTHON=$PY GPU_CHECK_CARRY=$CARRY
+[ "$stage" = A ] && export GPU_CHECK_OUT=$out  # where _build leaves the library's tarball
 export PATH=$PATH:$CUDA_HOME/bin:$CUDA_HOME/compute-sanitizer
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/$CARRY/triton-cache}
 xdist=()
@@ -147,7 +151,6 @@ if [ "$stage" = A ]; then
     tests/test_cuda_backend.py -k "not 2_31"
   step triton-tests 120 env ENTSKIP_AUTOTUNE=once "${pytest[@]}" "${xdist[@]}" tests/test_triton_kernels.py \
     -k "not 16384 and not 64bit"
-  echo "carry sizes: $(du -sh "$LIB" "$TRITON_CACHE_DIR" 2>/dev/null | tr '\t\n' ' ')" | tee -a "$summary"
 else
   build_step prepare 200 bash "$0" _prepare
   step large 90 env ENTSKIP_AUTOTUNE=once "${pytest[@]}" tests/test_triton_kernels.py tests/test_cuda_backend.py \
@@ -157,7 +160,7 @@ else
   REFUSED=$no_sanitizer step racecheck 75 "${sanitize[@]}" --tool racecheck "${pytest[@]}" -x tests/test_cuda_backend.py \
     -k "bsr_matches_reference and not no_branch and (float32 or bfloat16)"
   step bench-b32 75 "${bench[@]}" --blocks 32
-  step bench-b64 75 "${bench[@]}" --blocks 64
+  step bench-b64 75 "${bench[@]}" --blocks 64 --no-plot
 fi
 echo "$stage: $failures failed, $not_run not run, $(( SECONDS - start )) s; log $log" | tee -a "$summary"
 [ $failures -gt 0 ] && exit 1

@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,8 @@ case " $* " in
   *" -m pytest "*) echo "3 passed in 0.1s" ;;
   *" -m entskip.bench "*)
     out=${*##*--out }; out=${out%% *}
-    echo json > "$out/bench-$RANDOM.json"; echo png > "$out/bench-$RANDOM.png" ;;
+    echo json > "$out/bench-$RANDOM.json"
+    [[ " $* " == *" --no-plot "* ]] || echo png > "$out/bench-$RANDOM.png" ;;
 esac
 exit 0
 """,
@@ -125,6 +127,8 @@ def test_both_commands_run_every_step_in_order_under_timeout(env):
     assert len(sanitizer) == 2 and all("PYTORCH_NO_CUDA_MEMORY_CACHING=1" in c for c in sanitizer)
     files = [p for out in (a, b) for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8, files
+    with tarfile.open(a / "entskip-lib.tar.gz") as tar:  # A's library, for B on a fresh machine
+        assert sorted(tar.getnames()) == ["lib", "lib/_C.stub.so", "lib/native.sha256"]
 
 
 def test_refused_sanitizer_is_not_run_never_pass(env):
@@ -166,7 +170,11 @@ def test_the_budget_caps_the_timeouts(env):
 
 def test_b_on_a_fresh_machine_installs_a_library_without_compiling(env):
     run(env, "A", env["tmp"] / "a")
-    (env["repo"] / "python" / "entskip" / "_C.stub.so").unlink()  # a fresh machine: only the carried .gpu-check/lib
+    # A fresh machine: the tree without A's build, plus .gpu-check/lib unpacked from A's tarball and carried.
+    (env["repo"] / "python" / "entskip" / "_C.stub.so").unlink()
+    shutil.rmtree(env["repo"] / ".gpu-check")
+    with tarfile.open(env["tmp"] / "a" / "entskip-lib.tar.gz") as tar:
+        tar.extractall(env["repo"] / ".gpu-check", filter="data")
     rc, verdicts, calls = run(env, "B", env["tmp"] / "b")
     pip = [c for c in calls if c.startswith("python3") and " -m pip " in c]
     assert rc == 0 and len(pip) == 1 and "prebuilt=1" in pip[0], pip
