@@ -4,7 +4,9 @@ The CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) are always built. The CUDA source
 (csrc/cuda/*.cu and their *.cpp glue) are built when the installed torch has CUDA and a
 CUDA toolkit is found (CUDA_HOME, else the nvcc on PATH, else /usr/local/cuda), unless
 ENTSKIP_NO_CUDA=1; a toolkit that cannot build them stops the build with the reason.
-The CUDA kernels carry sm_80 and sm_90 machine code and compute_90 PTX. The CPU kernels are compiled for the building machine's
+The CUDA kernels carry sm_80 and sm_90 machine code and compute_90 PTX.
+
+The CPU kernels are compiled for the building machine's
 instruction set (-march=native: a source build runs where it is built);
 ENTSKIP_CPU_ARCH=x86-64-v3 (or any -march value) targets another, ENTSKIP_CPU_ARCH=
 (empty) the compiler's default. They are compiled with OpenMP when torch's ATen uses it
