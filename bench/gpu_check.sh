@@ -9,9 +9,9 @@
 # under 15 s left, or after a failed build, is reported NOT RUN. Files written to OUT (8 at most
 # over both commands): A.log / B.log (every step's output), summary-A.txt / summary-B.txt (one
 # line per step: PASS, FAIL, TIMEOUT or NOT RUN with the reason), A's entskip-lib.tar.gz, and B's
-# benchmark JSON for blocks 32 and 64 with the PNG of block 32. A sanitizer that refuses the device ("Device not supported") is NOT RUN,
-# never PASS. Exit status: 0 every step passed, 1 a step failed or timed out, 2 none failed but
-# some did not run.
+# benchmark JSON for blocks 32 and 64 with the PNG of block 32. A sanitizer that refuses the
+# device ("Device not supported") is NOT RUN, never PASS. Exit status: 0 every step passed,
+# 1 a step failed or timed out, 2 none failed but some did not run.
 #
 # A keeps the library it built in .gpu-check/lib (gitignored) and returns it as
 # OUT/entskip-lib.tar.gz (about 5 MiB). B reuses the installed build while the machine is warm;
