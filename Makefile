@@ -11,7 +11,7 @@ TRITON ?= triton==3.9.0
 TRITON_GPU ?= triton==3.6.0
 NATIVE := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: demo test bench bench-quick nvcc-check triton-aot clean
+.PHONY: demo test test-cuda-torch bench bench-quick nvcc-check triton-aot clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -52,5 +52,30 @@ triton-aot: $(VENV)/.built $(VENV)/triton-gpu/.installed
 	TRITON_CACHE_DIR=$(CURDIR)/$(VENV)/triton-cache $(PY) -m entskip.triton_kernels.aot --check
 	TRITON_CACHE_DIR=$(CURDIR)/$(VENV)/triton-gpu-cache PYTHONPATH=$(VENV)/triton-gpu $(PY) -m entskip.triton_kernels.aot --check
 
+# The CUDA-torch stage of CI, no GPU needed: a second venv with a CUDA build of torch (and the
+# triton it brings), entskip built from source by a plain `pip install --no-build-isolation .`
+# (its CUDA kernels for sm_80/sm_90 against the system toolkit), then the CUDA-build checks
+# (library loads, every entskip op has a CUDA kernel), the timm/torchvision tests and the
+# Triton interpreter tests. There a skipped CUDA-build or timm/torchvision test fails (conftest).
+VENV_CUDA := .venv-cuda
+PY_CUDA := $(VENV_CUDA)/bin/python
+TORCH_CUDA ?= torch==2.14.1 torchvision==0.29.1
+
+$(VENV_CUDA)/.deps:
+	$(PYTHON) -m venv $(VENV_CUDA)
+	$(PY_CUDA) -m pip install -q --upgrade pip setuptools wheel
+	$(PY_CUDA) -m pip install -q $(TORCH_CUDA)
+	$(PY_CUDA) -m pip install -q timm numpy ninja pytest pytest-xdist hypothesis
+	touch $@
+
+# Not editable: the library goes to the venv, the CPU venv's in-place one stays.
+$(VENV_CUDA)/.built: $(VENV_CUDA)/.deps $(NATIVE) $(wildcard python/entskip/*.py python/entskip/*/*.py triton_kernels/*.py)
+	$(PY_CUDA) -m pip install --no-build-isolation .
+	touch $@
+
+test-cuda-torch: $(VENV_CUDA)/.built
+	ENTSKIP_REQUIRE_CUDA_BUILD=1 ENTSKIP_REQUIRE_TIMM=1 $(PY_CUDA) -m pytest -q -n 2 \
+	  tests/test_cuda_build.py tests/test_timm_torchvision.py tests/test_triton_kernels.py
+
 clean:
-	rm -rf $(VENV) build python/*.egg-info python/entskip/_C*.so
+	rm -rf $(VENV) $(VENV_CUDA) build python/*.egg-info python/entskip/_C*.so

@@ -5,13 +5,13 @@ passed) elsewhere. The reference runs in float64 on the CPU on the same (rounded
 Outputs are poisoned (``torch.use_deterministic_algorithms`` fills every fresh tensor with
 NaN), so an element a kernel forgets to write fails.
 
-Under compute-sanitizer (bench/gpu_check.sh) set ``ENTSKIP_SANITIZE=1``: a smaller grid that
+Under compute-sanitizer (bench/gpu_check.sh B) set ``ENTSKIP_SANITIZE=1``: a smaller grid that
 still covers every dtype, block size, path (tensor core, SIMT, generic, unaligned, cuBLASLt)
-and row tail::
+and row tail (without the caching allocator, so memcheck sees each tensor's own bounds)::
 
-    ENTSKIP_SANITIZE=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 ENTSKIP_SANITIZE=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
         python -m pytest tests/test_cuda_backend.py -q -x -k "not 2_31 and not graph and not compile"
-    ENTSKIP_SANITIZE=1 compute-sanitizer --tool racecheck --error-exitcode 1 \\
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 ENTSKIP_SANITIZE=1 compute-sanitizer --tool racecheck --error-exitcode 1 \\
         python -m pytest tests/test_cuda_backend.py -q -x -k "not 2_31 and not graph and not compile"
 """
 
