@@ -11,7 +11,7 @@ TRITON ?= triton==3.9.0
 TRITON_GPU ?= triton==3.6.0
 NATIVE := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: demo test bench bench-quick nvcc-check triton-aot clean
+.PHONY: demo test bench bench-quick nvcc-check triton-aot sdist-check clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -52,5 +52,10 @@ triton-aot: $(VENV)/.built $(VENV)/triton-gpu/.installed
 	TRITON_CACHE_DIR=$(CURDIR)/$(VENV)/triton-cache $(PY) -m entskip.triton_kernels.aot --check
 	TRITON_CACHE_DIR=$(CURDIR)/$(VENV)/triton-gpu-cache PYTHONPATH=$(VENV)/triton-gpu $(PY) -m entskip.triton_kernels.aot --check
 
+# The sdist and a wheel of the checkout each build and install a working entskip into a fresh
+# venv holding only torch, ninja, setuptools and wheel (.ci/sdist_check.sh; two native builds).
+sdist-check: $(VENV)/.deps
+	PYTHON=$(PY) FRESH_PYTHON=$(PYTHON) TORCH="$(TORCH)" bash .ci/sdist_check.sh
+
 clean:
-	rm -rf $(VENV) build python/*.egg-info python/entskip/_C*.so
+	rm -rf $(VENV) build dist python/*.egg-info python/entskip/_C*.so
