@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should check, in one command (DESIGN section 7, issues #4 and #5):
+# Everything a GPU machine should check, in one command (docs/gpu.md):
 # build entskip, compile-check the Triton configs, run the Triton and CUDA test files natively,
 # compute-sanitizer over the CUDA tests, then the benchmark of both GPU backends side by
 # side with the peers, in one run. Logs, JSON and PNGs go to OUTDIR; a step that fails is recorded and the next runs.
