@@ -11,7 +11,7 @@ TRITON ?= triton==3.9.0
 TRITON_GPU ?= triton==3.6.0
 NATIVE := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: demo test test-cuda-torch bench bench-quick nvcc-check triton-aot clean
+.PHONY: demo test test-cuda-torch bench bench-quick nvcc-check triton-aot sdist-check clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -77,5 +77,10 @@ test-cuda-torch: $(VENV_CUDA)/.built
 	ENTSKIP_REQUIRE_CUDA_BUILD=1 ENTSKIP_REQUIRE_TIMM=1 $(PY_CUDA) -m pytest -q -n 2 \
 	  tests/test_cuda_build.py tests/test_timm_torchvision.py tests/test_triton_kernels.py
 
+# The sdist and a wheel of the checkout each build and install a working entskip into a fresh
+# venv holding only torch, ninja, setuptools and wheel (.ci/sdist_check.sh; two native builds).
+sdist-check: $(VENV)/.deps
+	PYTHON=$(PY) FRESH_PYTHON=$(PYTHON) TORCH="$(TORCH)" bash .ci/sdist_check.sh
+
 clean:
-	rm -rf $(VENV) $(VENV_CUDA) build python/*.egg-info python/entskip/_C*.so
+	rm -rf $(VENV) $(VENV_CUDA) build dist python/*.egg-info python/entskip/_C*.so

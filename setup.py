@@ -214,14 +214,8 @@ def _ext_modules():
     return []
 
 
+# Project metadata, packages and version live in pyproject.toml; this file only builds entskip._C.
 setup(
-    name="entskip",
-    version="0.1.0",
-    description="Fused entangled residual skips (y = alpha * x @ M^T + branch) for PyTorch",
-    package_dir={"entskip": "python/entskip", "entskip.triton_kernels": "triton_kernels"},
-    packages=["entskip", "entskip.bench", "entskip.experiments", "entskip.models", "entskip.triton_kernels"],
     ext_modules=_ext_modules(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
 )

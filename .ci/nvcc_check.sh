@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-only checks of the CUDA backend (csrc/cuda/), no GPU needed (DESIGN section 7):
+# Compile-only checks of the CUDA backend (csrc/cuda/), no GPU needed (docs/gpu.md):
 #  1. every csrc/cuda/*.cu for sm_80 and sm_90 with nvcc --resource-usage and the flags
 #     torch's CUDAExtension adds (no implicit half/bfloat16 conversions); fails on a compile
 #     error or on any kernel with a non-zero stack frame (spills), and prints registers,

@@ -64,7 +64,7 @@ TORCH_LIBRARY(entskip, m) {
   // The CUDA C++ backend (csrc/cuda/): the same signatures and semantics as the four ops
   // above, with CUDA implementations only. The CUDA implementation of the public ops
   // (python/entskip/gpu_dispatch.py) calls these when the active backend is "cuda" and the
-  // Triton kernels when it is "triton": one registration per dispatch key (DESIGN section 6).
+  // Triton kernels when it is "triton": one registration per dispatch key (docs/design.md, "Decisions and why").
   m.def("_cuda_dense_skip_add(Tensor x, Tensor weight, Tensor alpha, Tensor? branch) -> Tensor");
   m.def(
       "_cuda_dense_skip_add_backward(Tensor grad, Tensor x, Tensor weight, Tensor alpha, "

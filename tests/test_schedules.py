@@ -1,4 +1,4 @@
-"""Depth schedules (entskip.schedules, DESIGN section 3)."""
+"""Depth schedules (entskip.schedules, docs/design.md "Schedules")."""
 
 import math
 import random
@@ -91,7 +91,7 @@ def test_alpha_min_for_inverts(num_layers, per_sublayer):
 
 
 def test_alpha_min_for_deeper_needs_larger_alpha_min():
-    # DESIGN: deeper nets need a larger alpha_min for the same alpha_eff.
+    # Deeper nets need a larger alpha_min for the same alpha_eff.
     values = [S.alpha_min_for(L, 5e-3) for L in (4, 8, 16, 32)]
     assert values == sorted(values) and len(set(values)) == 4
 

@@ -3,7 +3,7 @@
 ``python -m entskip.triton_kernels.aot [--arch 80 90] [--check]`` compiles each kernel
 of :mod:`entskip.triton_kernels` for every dtype, block size and autotune config that
 its ``fits`` rule ships, for each GPU architecture, with ``triton.compile`` and a
-``GPUTarget`` (DESIGN section 7). It prints one line per build: registers, stack bytes
+``GPUTarget`` (docs/gpu.md). It prints one line per build: registers, stack bytes
 (spills), shared memory and whether the PTX uses ``wgmma`` (Hopper's warpgroup MMA).
 With ``--check`` it exits non-zero on a compile error, a spill, or an sm_90 build of a
 16-bit matrix kernel without ``wgmma`` (wgmma multiplies 64-row tiles, so the sampled

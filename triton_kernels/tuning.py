@@ -17,7 +17,7 @@
   ``bench`` does too under the interpreter (it cannot time kernels). The mode is read
   when a key is tuned: a key tuned before a change keeps its config.
 - Kernels accumulate in float32 (float64 for float64 inputs). bfloat16 arithmetic is
-  wrong in the triton interpreter (DESIGN section 6), so the launchers ask kernels to
+  wrong in the triton interpreter (docs/gpu.md), so the launchers ask kernels to
   upcast tiles right after loading them there (``UPCAST``); on a GPU tiles stay in
   their dtype and ``tl.dot`` runs on the tensor cores.
 - float32 products use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` allows it.

@@ -16,7 +16,7 @@ from .layout import BlockLayout
 from .modules import EntangledResidual, EntangledSkip
 from .ops import skip_add
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "BlockAdapter",

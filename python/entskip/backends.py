@@ -1,6 +1,6 @@
 """Backend selection for the entskip ops.
 
-Backends (DESIGN section 4):
+Backends (docs/design.md, "Backends and dispatch"):
 
 - ``reference``: plain differentiable torch ops (:mod:`entskip.reference`), any device.
 - ``cpu``: the fused C++ kernels of ``entskip._C`` (CPU tensors).

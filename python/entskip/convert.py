@@ -6,7 +6,7 @@ A residual block computes ``y = x + f(x)``; after conversion it computes
 
 through an :class:`entskip.EntangledSkip` per skip, with ``M_l`` a mapping of the
 chosen kind (seeded per skip) and ``alpha_l`` the skip's value from a depth schedule
-(DESIGN section 3). What a block type looks like is told by a :class:`BlockAdapter`
+(docs/design.md, "Schedules"). What a block type looks like is told by a :class:`BlockAdapter`
 in a registry keyed by the block's class:
 
 - entskip's own models (:mod:`entskip.models`): ResNet ``BasicBlock``, ViT ``Block``

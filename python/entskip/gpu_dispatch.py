@@ -2,7 +2,7 @@
 
 Each public op has one CUDA implementation (registered in its op-family file,
 :mod:`entskip.bsr_skip` and :mod:`entskip.dense_skip`; two registrations for one key
-would collide, DESIGN section 6). It runs the kernels of :func:`kernel_backend`:
+would collide: docs/design.md, "Decisions and why"). It runs the kernels of :func:`kernel_backend`:
 
 - ``triton``: :mod:`entskip.triton_kernels` (needs the ``triton`` package);
 - ``cuda``: the CUDA C++ kernels ``torch.ops.entskip._cuda_*`` (``csrc/cuda/``, built

@@ -1,4 +1,4 @@
-"""Skip mappings ``M`` (DESIGN section 2) as ``nn.Module``s, and their constructors.
+"""Skip mappings ``M`` (docs/design.md, "Mappings") as ``nn.Module``s, and their constructors.
 
 A mapping holds ``M`` (``out_features x in_features``) in the storage that suits its
 structure and runs ``y = alpha * (x @ M^T) + branch`` through the matching op:

@@ -1,4 +1,4 @@
-"""Depth schedules for the skip weight ``alpha`` (DESIGN section 3, Zhang et al. 2024).
+"""Depth schedules for the skip weight ``alpha`` (docs/design.md, "Schedules"; Zhang et al. 2024).
 
 Zhang et al. scale only the identity path, ``x_{l+1} = alpha_l x_l + f(x_l)``, with
 ``alpha_l`` falling linearly with depth. The product ``alpha_eff = prod(alpha_l)`` is

@@ -1,4 +1,4 @@
-"""``entskip.bench``: entskip's fused skip-add timed beside its peers (DESIGN section 5).
+"""``entskip.bench``: entskip's fused skip-add timed beside its peers (docs/performance.md, "Method").
 
 Run ``python -m entskip.bench`` (``--help`` for the options, ``--quick`` for a grid that
 finishes in under a minute on two CPU cores). For ``N x D`` inputs, block sizes,

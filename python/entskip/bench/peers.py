@@ -1,4 +1,4 @@
-"""The methods timed side by side: entskip's fused op and its peers (DESIGN section 5).
+"""The methods timed side by side: entskip's fused op and its peers (docs/performance.md, "Method").
 
 Every method builds a :class:`Runner` for a case: a closure computing
 ``y = alpha * (x @ M^T) + r`` (or the plain ``x + r``), and, for a forward+backward

@@ -1,4 +1,4 @@
-"""The roofline floor of DESIGN section 5, and the machine numbers it needs, measured in the run.
+"""The roofline floor (docs/performance.md, "Roofline"), and the machine numbers it needs, measured in the run.
 
 The floor of a case is ``max(bytes / bandwidth, flops / peak[dtype])`` with the
 bytes and flops of :data:`FORMULAS`. ``bandwidth`` is the achieved bandwidth of a
