@@ -101,8 +101,8 @@ def make_mapping(kind: str, dim: int, block: int, seed: int = 0, out_dim: int | 
         m.weight = m.weight.t().contiguous().t()
         assert not m.weight.is_contiguous()
         return m
-    if kind == "sparse":
-        return mappings.sparse(dim, density=0.3, block=block, seed=seed, **f64)
+    if kind == "sparse":  # at least two blocks per block row, so blocks really mix
+        return mappings.sparse(dim, density=min(1.0, max(0.3, 2.5 * block / dim)), block=block, seed=seed, **f64)
     if kind == "sparse_full":
         return mappings.sparse(dim, density=1.0, block=block, seed=seed, **f64)
     if kind == "structural":
