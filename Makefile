@@ -11,7 +11,7 @@ TRITON ?= triton==3.9.0
 TRITON_GPU ?= triton==3.6.0
 NATIVE := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: demo test bench bench-quick nvcc-check triton-aot clean
+.PHONY: demo test bench bench-quick nvcc-check triton-aot asan clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ $(VENV)/triton-gpu/.installed: $(VENV)/.deps
 triton-aot: $(VENV)/.built $(VENV)/triton-gpu/.installed
 	TRITON_CACHE_DIR=$(CURDIR)/$(VENV)/triton-cache $(PY) -m entskip.triton_kernels.aot --check
 	TRITON_CACHE_DIR=$(CURDIR)/$(VENV)/triton-gpu-cache PYTHONPATH=$(VENV)/triton-gpu $(PY) -m entskip.triton_kernels.aot --check
+
+# The extension built with AddressSanitizer and UndefinedBehaviorSanitizer (into build/asan;
+# the normal build is not touched), and the op, robustness, hostile-layout, hardening and
+# fuzz tests run under it. .ci/asan.sh explains the preloads and options.
+asan: $(VENV)/.deps
+	PY=$(PY) bash .ci/asan.sh
 
 clean:
 	rm -rf $(VENV) build python/*.egg-info python/entskip/_C*.so
