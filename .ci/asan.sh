@@ -9,10 +9,11 @@
 #
 # How: the extension is compiled with -fsanitize=address,undefined (vptr off: torch's
 # classes come from an uninstrumented library, whose type info the check would misread),
-# -fno-omit-frame-pointer -g for readable reports. Python and torch are not instrumented, so
-# the sanitizer runtime must be loaded before anything else: LD_PRELOAD holds libasan first,
-# then libstdc++ (torch's C++ exceptions must resolve to the one libstdc++ that libasan's
-# interceptors see; without it a TORCH_CHECK failure aborts instead of raising). The tests
+# -fno-omit-frame-pointer -g for readable reports (setup.py's -O3 stays: it comes last).
+# Python and torch are not instrumented, so the sanitizer runtime must be loaded before
+# anything else: LD_PRELOAD holds libasan first, then libstdc++ (libasan intercepts
+# __cxa_throw; with libstdc++ loaded up front the interceptor finds it, and the C++
+# exceptions of torch's checks still reach Python as RuntimeError). The tests
 # import a copy of the Python package (build/asan/pkg) holding the sanitized library,
 # through PYTHONPATH, so the editable install keeps its normal build.
 #
