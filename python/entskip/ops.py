@@ -20,7 +20,6 @@ Under ``torch.compile`` a tensor ``alpha`` is not checked.
 from __future__ import annotations
 
 import math
-import struct
 from typing import Callable
 
 import torch
@@ -95,14 +94,14 @@ def _autocast(x: Tensor, branch: Tensor | None) -> tuple[Tensor, Tensor | None]:
     return cast(x), cast(branch)
 
 
+# Round to nearest even takes a float to float32's inf from the midpoint between its largest
+# finite value, 2^128 - 2^104, and 2^128 on.
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
 def _finite_float(value: float, dtype: torch.dtype) -> bool:
     """Whether ``value`` is finite once rounded to ``dtype`` (float32 or float64)."""
-    if not math.isfinite(value):
-        return False
-    try:
-        return dtype == torch.float64 or math.isfinite(struct.unpack("f", struct.pack("f", value))[0])
-    except OverflowError:  # rounds to +-inf in float32
-        return False
+    return math.isfinite(value) and (dtype == torch.float64 or abs(value) < _FLOAT32_OVERFLOW)
 
 
 def _check_finite_tensor(alpha: Tensor, dtype: torch.dtype) -> None:
