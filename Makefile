@@ -11,7 +11,7 @@ TRITON ?= triton==3.9.0
 TRITON_GPU ?= triton==3.6.0
 NATIVE := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: demo test test-cuda-torch bench bench-quick nvcc-check triton-aot sdist-check clean
+.PHONY: demo test test-cuda-torch bench bench-quick nvcc-check triton-aot sdist-check asan clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,12 @@ test-cuda-torch: $(VENV_CUDA)/.built
 # venv holding only torch, ninja, setuptools and wheel (.ci/sdist_check.sh; two native builds).
 sdist-check: $(VENV)/.deps
 	PYTHON=$(PY) FRESH_PYTHON=$(PYTHON) TORCH="$(TORCH)" bash .ci/sdist_check.sh
+
+# The extension built with AddressSanitizer and UndefinedBehaviorSanitizer (into build/asan;
+# the normal build is not touched), and the op, robustness, hostile-layout, hardening and
+# fuzz tests run under it. .ci/asan.sh explains the preloads and options.
+asan: $(VENV)/.deps
+	PY=$(PY) bash .ci/asan.sh
 
 clean:
 	rm -rf $(VENV) $(VENV_CUDA) build dist python/*.egg-info python/entskip/_C*.so

@@ -30,11 +30,9 @@ TIMEOUT_S = 60
 
 
 def _model(learnable_alpha: bool):
-    """A converted ViT with learnable block values (sharded by FSDP2); the layout stays in buffers.
-
-    FSDP2's ``fully_shard`` rejects 0-d parameters, so learnable alphas are trained
-    with DDP only; under FSDP2 the alphas are (0-d) buffers.
-    """
+    """A converted ViT with learnable block values and alphas (both sharded by FSDP2: an
+    alpha is stored with shape ``(1,)``, as ``fully_shard`` rejects 0-d parameters); the
+    layout stays in buffers."""
     torch.manual_seed(0)
     model = models.ViT(image_size=8, patch_size=4, num_classes=5, dim=32, depth=2, num_heads=2)
     return entskip.entangle(
@@ -91,7 +89,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         ddp_params = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
 
         fully_shard, DTensor = _fully_shard(), _dtensor_type()
-        model = _model(learnable_alpha=False)
+        model = _model(learnable_alpha=True)
         mesh = init_device_mesh("cpu", (WORLD,))
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
@@ -101,6 +99,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for name, buf in layout.items():
             assert type(buf) is torch.Tensor, f"layout buffer {name} is a {type(buf).__name__}"
         assert isinstance(model.blocks[0].skip_attn.mapping.blocks, DTensor), "FSDP2 did not shard the mapping values"
+        assert isinstance(model.blocks[0].skip_attn.alpha, DTensor), "FSDP2 did not shard the learnable alpha"
         _train(model, model.parameters(), rank, WORLD)
         for name, buf in _layout_buffers(model).items():
             assert type(buf) is torch.Tensor and torch.equal(buf, layout[name]), f"layout buffer {name} changed"
@@ -125,13 +124,13 @@ def test_ddp_and_fsdp2_match_single_process_training(tmp_path):
                 process.kill()
             pytest.fail(f"the {WORLD} workers did not finish within {TIMEOUT_S} s")
 
-    for mode, learnable_alpha in (("ddp", True), ("fsdp", False)):
-        single = _model(learnable_alpha)
-        initial = {n: p.detach().clone() for n, p in single.named_parameters()}
-        _train(single, single.parameters())
-        expected = dict(single.named_parameters())
-        moved = {n for n, p in expected.items() if not torch.equal(p, initial[n])}
-        assert "blocks.0.skip_attn.mapping.blocks" in moved and ("blocks.1.skip_mlp.alpha" in moved) == learnable_alpha
+    single = _model(learnable_alpha=True)
+    initial = {n: p.detach().clone() for n, p in single.named_parameters()}
+    _train(single, single.parameters())
+    expected = dict(single.named_parameters())
+    moved = {n for n, p in expected.items() if not torch.equal(p, initial[n])}
+    assert {"blocks.0.skip_attn.mapping.blocks", "blocks.1.skip_mlp.alpha"} <= moved
+    for mode in ("ddp", "fsdp"):
         for rank in range(WORLD):
             got = torch.load(tmp_path / f"rank{rank}.pt")[mode]
             assert got.keys() == expected.keys()

@@ -28,15 +28,20 @@ namespace {
 
 // Checks a compressed index (ptr: n + 1 offsets into idx) before any kernel dereferences
 // it: offsets from 0 to nnz, non-decreasing, indices in [0, bound) and strictly
-// increasing within each segment (sorted, no duplicates).
+// increasing within each segment (sorted, no duplicates). Every offset is checked before
+// the first read of idx: a middle offset past nnz must not make the check read idx out of
+// bounds (ptr's length is check_bsr's).
 void check_compressed(const at::Tensor& ptr, const at::Tensor& idx, int64_t bound, const char* ptr_name,
                       const char* idx_name) {
   const int64_t* p = ptr.data_ptr<int64_t>();
   const int64_t n = ptr.numel() - 1, nnz = idx.numel();
   TORCH_CHECK(p[0] == 0 && p[n] == nnz, ptr_name, " must start at 0 and end at ", nnz, ", got ", p[0], " and ", p[n]);
+  // Non-decreasing from 0 to nnz: every offset lies in [0, nnz].
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(p[i] <= p[i + 1], ptr_name, " must be non-decreasing, but entry ", i + 1, " (", p[i + 1],
+                ") < entry ", i, " (", p[i], ")");
   const int64_t* q = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(p[i] <= p[i + 1], ptr_name, " must be non-decreasing, but entry ", i + 1, " < entry ", i);
     for (int64_t k = p[i]; k < p[i + 1]; ++k) {
       TORCH_CHECK(q[k] >= 0 && q[k] < bound, idx_name, "[", k, "] = ", q[k], " is out of range [0, ", bound, ")");
       TORCH_CHECK(k == p[i] || q[k] > q[k - 1], idx_name, " must be strictly increasing within segment ", i,

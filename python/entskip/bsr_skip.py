@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, gpu_dispatch, reference
+from . import backends, devices, gpu_dispatch, reference
 
 
 def bsr_skip_add(
@@ -90,12 +90,18 @@ if backends.native_available():
         layout = (crow_indices, col_indices, ccol_indices, row_indices, perm)
         return gpu_backward(grad, x, values, *layout, alpha, output_mask, backend)
 
+    # The fake kernels also serve the Meta key, which the dispatcher picks when any argument is a
+    # meta tensor: a real x with a meta argument must fail here, not return uninitialised memory.
     @torch.library.register_fake("entskip::bsr_skip_add")
     def _(x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, branch):
+        devices.check_same(x, values=values, crow_indices=crow_indices, col_indices=col_indices,
+                           ccol_indices=ccol_indices, row_indices=row_indices, perm=perm, alpha=alpha, branch=branch)
         return x.new_empty(x.shape[0], (crow_indices.shape[0] - 1) * values.shape[-1])
 
     @torch.library.register_fake("entskip::bsr_skip_add_backward")
     def _(grad, x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, output_mask):
+        devices.check_same(x, grad=grad, values=values, crow_indices=crow_indices, col_indices=col_indices,
+                           ccol_indices=ccol_indices, row_indices=row_indices, perm=perm, alpha=alpha)
         return (
             torch.empty_like(x) if output_mask[0] else None,
             torch.empty_like(values) if output_mask[1] else None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, gpu_dispatch, reference
+from . import backends, devices, gpu_dispatch, reference
 
 
 def dense_skip_add(x: Tensor, weight: Tensor, branch: Tensor | None, alpha: Tensor) -> Tensor:
@@ -59,12 +59,16 @@ if backends.native_available():
     def _(grad, x, weight, alpha, output_mask):
         return gpu_backward(grad, x, weight, alpha, output_mask, gpu_dispatch.kernel_backend(x.device))
 
+    # The fake kernels also serve the Meta key, which the dispatcher picks when any argument is a
+    # meta tensor: a real x with a meta argument must fail here, not return uninitialised memory.
     @torch.library.register_fake("entskip::dense_skip_add")
     def _(x, weight, alpha, branch):
+        devices.check_same(x, weight=weight, alpha=alpha, branch=branch)
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("entskip::dense_skip_add_backward")
     def _(grad, x, weight, alpha, output_mask):
+        devices.check_same(x, grad=grad, weight=weight, alpha=alpha)
         return (
             torch.empty_like(x) if output_mask[0] else None,
             torch.empty_like(weight) if output_mask[1] else None,

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import functools
 import importlib
-import weakref
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends
 
@@ -136,35 +134,10 @@ def check_bsr(x, values, crow, col, ccol, row, perm, alpha, branch=None, grad=No
     _check_rows(grad, "grad", x, nrows * b)
 
 
-_validated = WeakIdKeyDictionary()  # crow_indices -> (block, (weakref, version) of the five tensors)
-
-
-def _version(t: Tensor) -> int | None:
-    """``t``'s version counter; ``None`` for an inference tensor, which has none (made under
-    ``torch.inference_mode()``): it is remembered by identity only (DESIGN section 6), so an
-    in-place edit of it inside inference mode is not seen."""
-    return None if t.is_inference() else t._version
-
-
-def _is_validated(tensors, block: int) -> bool:
-    entry = _validated.get(tensors[0])
-    if entry is None or entry[0] != block:
-        return False
-    return all(ref() is t and _version(t) == version for (ref, version), t in zip(entry[1], tensors))
-
-
 def validate_layout(crow: Tensor, col: Tensor, ccol: Tensor, row: Tensor, perm: Tensor, block: int) -> None:
     """Raise ``ValueError`` unless the index tensors form a valid layout and its exact
-    transpose (as :class:`entskip.BlockLayout` builds them). Checked on the host the first
-    time, then remembered while ``crow`` lives and none of the five tensors changes."""
-    tensors = (crow, col, ccol, row, perm)
-    if _is_validated(tensors, block):
-        return
-    from .layout import BlockLayout  # layout imports reference only; kept local for import order
+    transpose: :func:`entskip.layout.validate` (checked on the host the first time, then
+    remembered while none of the five tensors changes)."""
+    from . import layout  # layout imports reference only; kept local for import order
 
-    shape = ((crow.numel() - 1) * block, (ccol.numel() - 1) * block)
-    layout = BlockLayout(crow.cpu(), col.cpu(), block, shape)
-    for name, mine, given in zip(("ccol_indices", "row_indices", "perm"), layout.tensors()[2:], tensors[2:]):
-        if not torch.equal(mine, given.cpu()):
-            raise ValueError(f"{name} does not describe the transpose of crow_indices/col_indices")
-    _validated[crow] = (block, tuple((weakref.ref(t), _version(t)) for t in tensors))
+    layout.validate(crow, col, ccol, row, perm, block)

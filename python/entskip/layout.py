@@ -8,7 +8,10 @@ is ``values[perm[t]]`` at block row ``row_indices[t]``.
 
 Kernels trust only validated layouts: the constructor checks every field and raises
 ``ValueError`` naming it (monotone ``crow``, in-range, sorted, unique ``col`` per row,
-lengths, shape divisible by the block size).
+lengths, shape divisible by the block size). A validation holds for the index tensors
+as they were checked (:mod:`entskip.versions`): :func:`validate` checks them again once
+one was edited in place, and code that runs kernels on stored index tensors (a
+mapping's buffers, the GPU ops' arguments) calls it before every launch.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import operator
 import torch
 from torch import Tensor
 
-from . import reference
+from . import reference, versions
 
 _FIELDS = ("crow_indices", "col_indices", "ccol_indices", "row_indices", "perm")
 
@@ -89,6 +92,7 @@ class BlockLayout:
         ccol[1:] = torch.bincount(col, minlength=ncols).cumsum(0)
         self.block, self.shape = block, shape
         self._set(device, crow, col, ccol, rows[perm], perm)
+        versions.remember(self.tensors(), block)
 
     def _set(self, device, *tensors: Tensor) -> None:
         for name, t in zip(_FIELDS, tensors):
@@ -131,14 +135,21 @@ class BlockLayout:
         """``(crow_indices, col_indices, ccol_indices, row_indices, perm)``."""
         return tuple(getattr(self, name) for name in _FIELDS)
 
+    def is_current(self) -> bool:
+        """Whether the index tensors are the validated ones, none edited since."""
+        return versions.is_current(self.tensors(), self.block)
+
     def to(self, device) -> "BlockLayout":
-        return BlockLayout._trusted(self.block, self.shape, *(t.to(device) for t in self.tensors()))
+        moved = BlockLayout._trusted(self.block, self.shape, *(t.to(device) for t in self.tensors()))
+        if self.is_current():  # copies of validated tensors are valid
+            versions.remember(moved.tensors(), self.block)
+        return moved
 
     def transpose(self) -> "BlockLayout":
         """Layout of ``M^T``; its block ``t`` holds ``values[self.perm[t]].mT``."""
         inverse = torch.empty_like(self.perm)
         inverse[self.perm] = torch.arange(self.nnzb, device=self.perm.device)
-        return BlockLayout._trusted(
+        transposed = BlockLayout._trusted(
             self.block,
             (self.shape[1], self.shape[0]),
             self.ccol_indices,
@@ -147,6 +158,9 @@ class BlockLayout:
             self.col_indices,
             inverse,
         )
+        if self.is_current():
+            versions.remember(transposed.tensors(), self.block)
+        return transposed
 
     def gather(self, matrix: Tensor) -> Tensor:
         """The ``(nnzb, b, b)`` blocks of a dense ``matrix`` at this layout's positions."""
@@ -176,3 +190,27 @@ class BlockLayout:
 
     def __repr__(self) -> str:
         return f"BlockLayout(shape={self.shape}, block={self.block}, nnzb={self.nnzb}, density={self.density:.4g})"
+
+
+def validate(crow: Tensor, col: Tensor, ccol: Tensor, row: Tensor, perm: Tensor, block: int) -> None:
+    """Raise ``ValueError`` unless the index tensors form a valid layout of ``block x block``
+    blocks and its exact transpose, as :class:`BlockLayout` builds them (``TypeError`` for a
+    tensor that is not 1-D int64).
+
+    Checked on the host (a device-to-host copy for GPU tensors) unless these tensors
+    passed before and none changed since (:mod:`entskip.versions`): later calls, CUDA
+    graph capture included, neither copy nor synchronise.
+    """
+    tensors = (crow, col, ccol, row, perm)
+    if versions.is_current(tensors, block):
+        return
+    for name, t in zip(_FIELDS, tensors):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != torch.int64:
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a 1-D int64 tensor, got {got}")
+    shape = ((crow.numel() - 1) * block, (ccol.numel() - 1) * block)
+    layout = BlockLayout(crow, col, block, shape)
+    for name, mine, given in zip(_FIELDS[2:], layout.tensors()[2:], tensors[2:]):
+        if not torch.equal(mine.cpu(), given.cpu()):
+            raise ValueError(f"{name} does not describe the transpose of crow_indices/col_indices")
+    versions.remember(tensors, block)

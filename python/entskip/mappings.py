@@ -22,6 +22,13 @@ and :meth:`Mapping.properties` measures them. Every random construction takes a
 
 Mappings are frozen by default (their matrix is a buffer). ``learnable=True`` makes
 it a parameter; orthogonal kinds then stay orthogonal through a parametrization.
+
+A mapping's tensors must be on the device of the activations it is applied to
+(``ValueError`` otherwise). Its structure (a permutation's ``index``, a block-sparse
+layout) is checked when it is built and when a ``state_dict`` is loaded, and again
+before the next call after one of its tensors was edited in place
+(:mod:`entskip.versions`; not under ``torch.compile``, where the ``cpu`` and GPU kernels
+still check the layout themselves but ``reference`` does not).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import reference
+from . import devices, layout as _layout, reference, versions
 from .bsr_skip import bsr_skip_add
 from .dense_skip import dense_skip_add
 from .layout import BlockLayout
@@ -189,7 +196,9 @@ class DenseMapping(Mapping):
         return self.weight
 
     def skip_add_2d(self, x, branch, alpha):
-        return dense_skip_add(x, self.weight.to(x.dtype), branch, alpha)
+        weight = self.weight
+        devices.check_same(x, **{"mapping.weight": weight})
+        return dense_skip_add(x, weight.to(x.dtype), branch, alpha)
 
     @property
     def density(self) -> float:
@@ -202,23 +211,46 @@ class PermutationMapping(Mapping):
     kind = "permutation"
 
     def __init__(self, index: Tensor):
-        if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype.is_floating_point:
-            raise ValueError("index must be a 1-D integer tensor")
+        _check_permutation(index)
         n = index.numel()
-        if not torch.equal(torch.sort(index.cpu()).values, torch.arange(n)):
-            raise ValueError(f"index must be a permutation of 0..{n - 1}")
         super().__init__(n, n)
         self.register_buffer("index", index.to(torch.int64))
+        versions.remember((self.index,), "permutation")
 
     def matrix(self) -> Tensor:
         return torch.eye(self.in_features, device=self.index.device)[self.index]
 
     def skip_add_2d(self, x, branch, alpha):
-        return reference.permutation_skip_add(x, self.index, branch, alpha)
+        index = self.index
+        devices.check_same(x, **{"mapping.index": index})
+        if not torch.compiler.is_compiling() and not versions.is_current((index,), "permutation"):
+            _check_permutation(index, self.in_features, "the mapping's index (edited in place?)")
+            versions.remember((index,), "permutation")
+        return reference.permutation_skip_add(x, index, branch, alpha)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        index = state_dict.get(prefix + "index")
+        if index is not None:
+            _check_permutation(index, self.in_features, f"state_dict '{prefix}index'")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     @property
     def density(self) -> float:
         return 1.0 / self.in_features
+
+
+def _check_permutation(index, n: int | None = None, name: str = "index") -> None:
+    """``ValueError`` unless ``index`` is a 1-D integer tensor holding a permutation of
+    ``0..n-1`` (``n``: its length unless given)."""
+    if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype.is_floating_point or index.dtype.is_complex \
+            or index.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D integer tensor")
+    n = index.numel() if n is None else n
+    if index.numel() != n or not torch.equal(torch.sort(index.detach().cpu().to(torch.int64)).values, torch.arange(n)):
+        raise ValueError(f"{name} must be a permutation of 0..{n - 1}")
+
+
+_LAYOUT_BUFFERS = _layout._FIELDS  # the order of BlockLayout.tensors()
 
 
 class BlockSparseMapping(Mapping):
@@ -227,7 +259,8 @@ class BlockSparseMapping(Mapping):
     The layout lives in buffers (``crow_indices`` and ``col_indices`` are saved; the
     transposed order is derived) so it moves with ``.to()`` and round-trips through
     ``state_dict``; a loaded layout is validated, together with the blocks' shape,
-    before it replaces the current one. (The tensor is called ``blocks``, not
+    before it replaces the current one (a partial ``state_dict``'s too: the buffers it
+    holds with the current others). (The tensor is called ``blocks``, not
     ``values``: a parametrized ``values`` would clash with ``ModuleDict.values``.)
     """
 
@@ -249,7 +282,7 @@ class BlockSparseMapping(Mapping):
             self.register_buffer("blocks", blocks)
 
     def _set_layout(self, layout: BlockLayout) -> None:
-        for name, t in zip(("crow_indices", "col_indices", "ccol_indices", "row_indices", "perm"), layout.tensors()):
+        for name, t in zip(_LAYOUT_BUFFERS, layout.tensors()):
             self.register_buffer(name, t, persistent=name in ("crow_indices", "col_indices"))
 
     @property
@@ -269,17 +302,18 @@ class BlockSparseMapping(Mapping):
         return self.layout.to_dense(self.blocks)
 
     def skip_add_2d(self, x, branch, alpha):
-        return bsr_skip_add(
-            x,
-            self.blocks.to(x.dtype),
-            self.crow_indices,
-            self.col_indices,
-            self.ccol_indices,
-            self.row_indices,
-            self.perm,
-            branch,
-            alpha,
-        )
+        blocks = self.blocks
+        tensors = tuple(getattr(self, name) for name in _LAYOUT_BUFFERS)
+        devices.check_same(x, **{"mapping.blocks": blocks}, **{f"mapping.{n}": t for n, t in zip(_LAYOUT_BUFFERS, tensors)})
+        if not torch.compiler.is_compiling():
+            try:
+                _layout.validate(*tensors, self.block)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"the mapping's layout is invalid (a buffer edited in place?): {err}") from err
+            b = self.block
+            if tuple(blocks.shape) != (tensors[1].numel(), b, b):
+                raise ValueError(f"mapping.blocks must have shape {(tensors[1].numel(), b, b)}, got {tuple(blocks.shape)}")
+        return bsr_skip_add(x, blocks.to(x.dtype), *tensors, branch, alpha)
 
     @property
     def density(self) -> float:
@@ -287,7 +321,9 @@ class BlockSparseMapping(Mapping):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
-        if crow is not None and col is not None:
+        if crow is not None or col is not None:  # the layout as it will be after the load
+            crow = self.crow_indices if crow is None else crow
+            col = self.col_indices if col is None else col
             try:
                 layout = BlockLayout(crow, col, self.block, (self.out_features, self.in_features))
             except (TypeError, ValueError) as err:

@@ -29,6 +29,10 @@ class EntangledSkip(nn.Module):
             ``mapping_kwargs``) or a :class:`entskip.mappings.Mapping` instance.
         alpha: the skip weight (a depth schedule gives one per block).
         learnable_alpha: make ``alpha`` a parameter instead of a buffer.
+
+    ``alpha`` is stored with shape ``(1,)`` (FSDP2's ``fully_shard`` rejects 0-d
+    parameters) and reaches the op as a 0-d view; checkpoints with a 0-d ``alpha``
+    (saved before) load.
         feature_dim: the features' dimension of the input; ``None`` means the last one,
             except for 4-D inputs whose dim 1 (and not the last) has ``dim`` entries,
             which are treated as ``(N, C, H, W)``.
@@ -66,7 +70,7 @@ class EntangledSkip(nn.Module):
         self.dim = dim
         self.feature_dim = feature_dim
         self.mapping = mapping
-        alpha_t = torch.tensor(float(alpha), dtype=torch.float32)
+        alpha_t = torch.tensor([float(alpha)], dtype=torch.float32)
         if learnable_alpha:
             self.alpha = nn.Parameter(alpha_t)
         else:
@@ -81,7 +85,13 @@ class EntangledSkip(nn.Module):
         return -1
 
     def forward(self, x: Tensor, branch_out: Tensor | None = None) -> Tensor:
-        return skip_add(x, self.mapping, branch_out, self.alpha, feature_dim=self._feature_dim(x))
+        return skip_add(x, self.mapping, branch_out, self.alpha.view(()), feature_dim=self._feature_dim(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        alpha = state_dict.get(prefix + "alpha")
+        if isinstance(alpha, Tensor) and alpha.dim() == 0:  # a checkpoint from before alpha had shape (1,)
+            state_dict[prefix + "alpha"] = alpha.reshape(1)  # load_state_dict passes its own copy of the dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         learn = ", learnable_alpha=True" if isinstance(self.alpha, nn.Parameter) else ""

@@ -7,6 +7,14 @@
 (or is ``None``), ``alpha`` is a float or a 0-d floating tensor. The op runs on the
 backend chosen by :mod:`entskip.backends`; every backend computes the same function
 and supports autograd and ``torch.compile(fullgraph=True)``.
+
+``alpha`` is applied in the op's compute dtype: float64 for float64 ``x``, else float32
+(reduced precisions accumulate in float32). It must be finite in that dtype: a float
+(or a CPU tensor) that is not, ``1e39`` for float32 ``x`` say, raises ``ValueError``
+before anything runs. A CUDA tensor ``alpha`` is checked without a synchronisation, by
+``torch._assert_async``: a non-finite one trips a device-side assertion that surfaces as
+a ``RuntimeError`` at the next synchronisation (and leaves the CUDA context unusable).
+Under ``torch.compile`` a tensor ``alpha`` is not checked.
 """
 
 from __future__ import annotations
@@ -17,25 +25,33 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import reference
+from . import devices, reference
 from .bsr_skip import bsr_skip_add
 from .dense_skip import dense_skip_add
 from .layout import BlockLayout
 from .mappings import Mapping
 
 
-def _bound(mapping) -> tuple[int | None, int | None, Callable[[Tensor, Tensor | None, Tensor], Tensor]]:
-    """``(in_features, out_features, run)`` of a mapping argument; ``run(x2d, branch2d, alpha)``."""
+def _bound(mapping, x: Tensor) -> tuple[int | None, int | None, Callable[[Tensor, Tensor | None, Tensor], Tensor]]:
+    """``(in_features, out_features, run)`` of a mapping argument for ``x``; ``run(x2d, branch2d, alpha)``."""
     if isinstance(mapping, Mapping):
         return mapping.in_features, mapping.out_features, mapping.skip_add_2d
     if mapping is None:
         return None, None, reference.identity_skip_add
     if not isinstance(mapping, Tensor):
         raise TypeError(f"mapping must be an entskip Mapping, a tensor or None, got {type(mapping).__name__}")
+    devices.check_same(x, mapping=mapping)
     if mapping.layout == torch.sparse_bsr:
-        b = mapping.values().shape[-1]
-        layout = BlockLayout(mapping.crow_indices(), mapping.col_indices(), b, tuple(mapping.shape))
         values = mapping.values()
+        if mapping.dim() != 2 or values.dim() != 3:
+            raise ValueError(
+                f"a BSR mapping must be a 2-D (D_out, D_in) matrix with blocks values (nnzb, b, b), got shape "
+                f"{tuple(mapping.shape)} with values {tuple(values.shape)}: batched and hybrid BSR tensors are not supported"
+            )
+        if values.shape[1] != values.shape[2]:
+            raise ValueError(f"a BSR mapping's blocks must be square (b x b), got {values.shape[1]} x {values.shape[2]} blocks")
+        b = values.shape[-1]
+        layout = BlockLayout(mapping.crow_indices(), mapping.col_indices(), b, tuple(mapping.shape))
         _check_floating(values, "mapping values")
         if tuple(values.shape) != (layout.nnzb, b, b):
             raise ValueError(f"mapping values must have shape {(layout.nnzb, b, b)} for its layout, got {tuple(values.shape)}")
@@ -78,23 +94,51 @@ def _autocast(x: Tensor, branch: Tensor | None) -> tuple[Tensor, Tensor | None]:
     return cast(x), cast(branch)
 
 
+# Round to nearest even takes a float to float32's inf from the midpoint between its largest
+# finite value, 2^128 - 2^104, and 2^128 on.
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def _finite_float(value: float, dtype: torch.dtype) -> bool:
+    """Whether ``value`` is finite once rounded to ``dtype`` (float32 or float64)."""
+    return math.isfinite(value) and (dtype == torch.float64 or abs(value) < _FLOAT32_OVERFLOW)
+
+
+def _check_finite_tensor(alpha: Tensor, dtype: torch.dtype) -> None:
+    """``alpha`` finite in ``dtype``: eagerly on the CPU, by a device-side assertion on a GPU."""
+    if torch.compiler.is_compiling() or alpha.device.type == "meta":
+        return
+    alpha = alpha.detach()
+    if alpha.device.type != "cpu":
+        torch._assert_async(torch.isfinite(alpha.to(dtype)), f"alpha must be finite in {dtype} (got NaN or Inf)")
+    elif type(alpha) is Tensor and not _finite_float(alpha.item(), dtype):  # not a fake or traced tensor
+        raise ValueError(f"alpha must be finite in {dtype} (the op's compute dtype), got {alpha.item()!r} ({alpha.dtype})")
+
+
 def _alpha_tensor(alpha, x: Tensor) -> Tensor:
+    """``alpha`` as a 0-d tensor on ``x``'s device (a float: in the compute dtype, float64
+    for float64 ``x``, else float32), checked finite in the compute dtype."""
+    # float32 like a module's alpha, unless x is float64 (which must not see a rounded alpha)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(alpha, Tensor):
         if alpha.numel() != 1 or alpha.dim() > 1:
             raise ValueError(f"alpha must be a float or a 0-d tensor, got shape {tuple(alpha.shape)}")
         if not alpha.dtype.is_floating_point:
             raise TypeError(f"alpha must be floating point, got {alpha.dtype}")
-        alpha = alpha.reshape(()).to(x.device)
-        if not torch.compiler.is_compiling():
-            torch._assert_async(torch.isfinite(alpha), "alpha must be finite (got NaN or Inf)")
+        devices.check_same(x, alpha=alpha)
+        alpha = alpha.reshape(())
+        _check_finite_tensor(alpha, dtype)
         return alpha
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float or a 0-d tensor, got {type(alpha).__name__}")
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha}")
-    # float32 like a module's alpha, unless x is float64 (which must not see a rounded alpha)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.tensor(float(alpha), dtype=dtype, device=x.device)
+    try:
+        value = float(alpha)
+    except OverflowError:  # an int beyond float64
+        value = math.inf
+    if not _finite_float(value, dtype):
+        raise ValueError(f"alpha must be finite in {dtype} (the op's compute dtype for {x.dtype} x), got {alpha!r}")
+    # torch.full, not torch.tensor: no blocking host-to-device copy (legal under CUDA graph capture)
+    return torch.full((), value, dtype=dtype, device=x.device)
 
 
 def skip_add(
@@ -112,13 +156,14 @@ def skip_add(
         mapping: the skip ``M``: an :class:`entskip.mappings.Mapping` (see
             :func:`entskip.mappings.make`), a dense ``(D_out, D_in)`` tensor, a
             ``torch.sparse_bsr_tensor`` (its layout is validated on every call), or
-            ``None`` for the identity. A mapping of another dtype is cast to ``x``'s.
+            ``None`` for the identity. A mapping of another dtype is cast to ``x``'s;
+            it must be on ``x``'s device.
         branch: the residual branch's output, ``x``'s shape with ``D_out`` features,
             same dtype and device as ``x``; ``None`` for a pure skip product.
             Under ``torch.autocast`` both are first cast to the autocast dtype
             (float64 excepted), so the op runs in it.
-        alpha: the skip weight, a finite float or 0-d floating tensor (learnable if it
-            requires grad).
+        alpha: the skip weight, a float or a 0-d (or one-element) floating tensor on
+            ``x``'s device (learnable if it requires grad), finite in the compute dtype.
         feature_dim: the dimension of ``x`` and ``branch`` that holds the features
             (``1`` for ``(N, C, H, W)``; free for ``channels_last`` tensors).
 
@@ -132,10 +177,12 @@ def skip_add(
     x, branch = _autocast(x, branch)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the features)")
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int):
+        raise TypeError(f"feature_dim must be an int, got {feature_dim!r}")
     fd = feature_dim % x.dim() if -x.dim() <= feature_dim < x.dim() else None
     if fd is None:
         raise ValueError(f"feature_dim {feature_dim} is out of range for x with {x.dim()} dims")
-    d_in, d_out, run = _bound(mapping)
+    d_in, d_out, run = _bound(mapping, x)
     if d_in is None:  # identity
         d_in = d_out = x.shape[fd]
     if d_in != x.shape[fd]:

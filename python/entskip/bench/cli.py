@@ -109,7 +109,7 @@ def main(argv=None) -> Path:
     backend = ", ".join(f"{name} -> {r}" for name, r in zip(args.backend, resolved))
     with compile_limits():
         machine = measure(device, args.dtypes, settings)
-        records = sweep(cases, methods, Workloads(device), machine, settings)
+        records, machine = sweep(cases, methods, Workloads(device), machine, settings)
     print(table(records, machine, backend), flush=True)
 
     json_path = args.out / f"{stem}.json"

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .cases import Case, Workloads
 from .peers import Method, Unsupported
-from .roofline import Machine, floor_ms, work
+from .roofline import Machine, best_of_run, floor_ms, work
 from .timing import Settings, samples_ms
 
 
@@ -41,7 +41,7 @@ def measure(method: Method, case: Case, workloads: Workloads, settings: Settings
     return {"status": "ok", "median_ms": statistics.median(times), "samples_ms": times}
 
 
-def _record(case: Case, method: Method, density: float, timing: dict, shared: bool, machine: Machine) -> dict:
+def _record(case: Case, method: Method, density: float, timing: dict, shared: bool) -> dict:
     nbytes, flops = work(case, density, method.role)
     return {
         "method": method.id,
@@ -59,7 +59,6 @@ def _record(case: Case, method: Method, density: float, timing: dict, shared: bo
         "shared": shared,
         "bytes": nbytes,
         "flops": flops,
-        "floor_ms": floor_ms(case, density, method.role, machine),
     }
 
 
@@ -83,8 +82,10 @@ def compare(records: list[dict]) -> None:
 
 def sweep(
     cases: list[Case], methods: tuple[Method, ...], workloads: Workloads, machine: Machine, settings: Settings
-) -> list[dict]:
-    """Time every applicable ``(case, method)`` with a progress bar on stderr; compared records."""
+) -> tuple[list[dict], Machine]:
+    """Time every applicable ``(case, method)`` with a progress bar on stderr; the compared
+    records, their floors (``floor_ms``) from ``machine`` raised to the run's best rates
+    (:func:`entskip.bench.roofline.best_of_run`), and that machine."""
     jobs = [(case, method) for case in cases for method in methods if method.applies(case)]
     shared: dict[tuple, dict] = {}
     records = []
@@ -97,7 +98,10 @@ def sweep(
             if not method.sparse:
                 shared[key] = timing
             density = workloads.sparse(case).density
-            records.append(_record(case, method, density, timing, reused, machine))
+            records.append(_record(case, method, density, timing, reused))
             bar.update()
+    machine = best_of_run(machine, records)
+    for rec in records:
+        rec["floor_ms"] = floor_ms(rec["bytes"], rec["flops"], rec["dtype"], machine)
     compare(records)
-    return records
+    return records, machine
