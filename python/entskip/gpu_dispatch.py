@@ -160,3 +160,53 @@ def validate_layout(crow: Tensor, col: Tensor, ccol: Tensor, row: Tensor, perm: 
         if not torch.equal(mine, given.cpu()):
             raise ValueError(f"{name} does not describe the transpose of crow_indices/col_indices")
     _validated[crow] = (block, tuple((weakref.ref(t), t._version) for t in tensors))
+
+
+def check_elementwise(x: Tensor, alpha: Tensor, branch: Tensor | None = None, grad: Tensor | None = None) -> None:
+    """Checks the arguments of the elementwise skips (identity, permutation): ``x (..., D)``
+    of any strides, ``branch`` and ``grad`` of ``x``'s shape, dtype and device."""
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the features)")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    _check_alpha(alpha, x.device)
+    for t, name in ((branch, "branch"), (grad, "grad")):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.shape != x.shape:
+            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """``t (..., D)`` as a ``(rows, D)`` matrix with unit column stride: a view where the
+    strides allow, else a contiguous copy (what the elementwise GPU kernels read)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(1) == 1 or rows.shape[1] <= 1 else rows.contiguous()
+
+
+_validated_permutations = WeakIdKeyDictionary()  # index -> (weakref, version) of index and inverse
+
+
+def validate_permutation(index: Tensor, inverse: Tensor, x: Tensor) -> None:
+    """Raise ``ValueError`` unless ``index`` is a permutation of ``0..D-1`` (``D`` = x's
+    features) and ``inverse`` its inverse. Checked on the host the first time, then
+    remembered while neither tensor changes (later calls do not synchronise)."""
+    d = x.shape[-1]
+    for t, name in ((index, "index"), (inverse, "inverse")):
+        if t.dim() != 1 or t.dtype != torch.int64 or not t.is_contiguous() or t.device != x.device:
+            raise ValueError(f"{name} must be a contiguous 1-D int64 tensor on {x.device}")
+        if t.numel() != d:
+            raise ValueError(f"{name} must have {d} entries (x's features), got {t.numel()}")
+    entry = _validated_permutations.get(index)
+    if entry is not None and all(ref() is t and t._version == v for (ref, v), t in zip(entry, (index, inverse))):
+        return
+    i, v = index.cpu(), inverse.cpu()
+    if not torch.equal(torch.sort(i).values, torch.arange(d)):
+        raise ValueError(f"index must be a permutation of 0..{d - 1}")
+    if not torch.equal(v[i], torch.arange(d)):
+        raise ValueError("inverse is not the inverse permutation of index")
+    _validated_permutations[index] = tuple((weakref.ref(t), t._version) for t in (index, inverse))

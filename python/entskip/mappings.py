@@ -35,7 +35,9 @@ from torch.nn.utils import parametrize
 from . import reference
 from .bsr_skip import bsr_skip_add
 from .dense_skip import dense_skip_add
+from .identity_skip import identity_skip_add
 from .layout import BlockLayout
+from .permutation_skip import permutation_skip_add
 
 __all__ = [
     "BlockLayout",
@@ -150,7 +152,7 @@ class IdentityMapping(Mapping):
         return torch.eye(self.in_features)
 
     def skip_add_2d(self, x, branch, alpha):
-        return reference.identity_skip_add(x, branch, alpha)
+        return identity_skip_add(x, branch, alpha)
 
     @property
     def density(self) -> float:
@@ -196,12 +198,18 @@ class PermutationMapping(Mapping):
             raise ValueError(f"index must be a permutation of 0..{n - 1}")
         super().__init__(n, n)
         self.register_buffer("index", index.to(torch.int64))
+        # the inverse permutation, for dx (derived from index: not saved)
+        self.register_buffer("inverse", torch.argsort(self.index), persistent=False)
 
     def matrix(self) -> Tensor:
         return torch.eye(self.in_features, device=self.index.device)[self.index]
 
     def skip_add_2d(self, x, branch, alpha):
-        return reference.permutation_skip_add(x, self.index, branch, alpha)
+        return permutation_skip_add(x, self.index, self.inverse, branch, alpha)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.inverse = torch.argsort(self.index)  # follows the loaded index
 
     @property
     def density(self) -> float:
