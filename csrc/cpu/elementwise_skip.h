@@ -4,15 +4,17 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/TensorUtils.h>
 
 #include <vector>
 
 #include "../checks.h"
+#include "../rows.h"
 #include "common.h"
 #include "simd.h"
 
 namespace entskip::cpu::elementwise {
+
+using entskip::Rows, entskip::as_rows, entskip::dense;
 
 // Elements per work item and per dalpha partial sum. Fixed, so the partials and their
 // order depend on the shape only, never on the number of threads.
@@ -20,28 +22,6 @@ constexpr int64_t kChunk = 16384;
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// A tensor (..., D) as a (rows, cols) matrix with unit column stride and row stride
-// `stride`, read in place when its strides allow (a contiguous copy otherwise, kept in `t`).
-struct Rows {
-  at::Tensor t;
-  int64_t rows, cols, stride;
-};
-
-inline Rows as_rows(const at::Tensor& t) {
-  TORCH_CHECK(t.dim() >= 1, "the elementwise skips take tensors with at least one dimension (the features)");
-  const int64_t cols = t.size(-1);
-  int64_t rows = 1;
-  for (int64_t i = 0; i + 1 < t.dim(); ++i) rows *= t.size(i);
-  const auto strides = at::detail::computeStride(t.sizes(), t.strides(), at::IntArrayRef{rows, cols});
-  if (strides.has_value() && ((*strides)[1] == 1 || cols <= 1) && (*strides)[0] >= cols) {
-    return {t, rows, cols, rows <= 1 ? cols : (*strides)[0]};
-  }
-  return {t.contiguous(), rows, cols, cols};
-}
-
-// Whether r covers one dense block of memory (its rows back to back).
-inline bool dense(const Rows& r) { return r.stride == r.cols || r.rows <= 1; }
 
 inline void check_floating(const at::Tensor& t, const char* name) {
   check_cpu(t, name);

@@ -181,13 +181,6 @@ def check_elementwise(x: Tensor, alpha: Tensor, branch: Tensor | None = None, gr
             raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
 
 
-def as_rows(t: Tensor) -> Tensor:
-    """``t (..., D)`` as a ``(rows, D)`` matrix with unit column stride: a view where the
-    strides allow, else a contiguous copy (what the elementwise GPU kernels read)."""
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(1) == 1 or rows.shape[1] <= 1 else rows.contiguous()
-
-
 _validated_permutations = WeakIdKeyDictionary()  # index -> (weakref, version) of index and inverse
 
 
