@@ -5,7 +5,12 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "../checks.h"
 #include "../rows.h"
@@ -41,6 +46,47 @@ inline at::Tensor sum_partials(const std::vector<double>& partials, const at::Te
   double s = 0.0;
   for (const double p : partials) s += p;
   return at::scalar_tensor(s, alpha.options().dtype(at::kDouble)).to(alpha.scalar_type()).reshape(alpha.sizes());
+}
+
+// simd::store, with bfloat16 narrowed by AVX2 packs where the target lacks AVX-512: there
+// the generic 32 -> 16-bit vector truncation compiles to a slow lane-by-lane sequence.
+template <typename A, typename T>
+inline void store(T* p, const simd::Vec<A>& v) {
+#if defined(__AVX2__) && !defined(__AVX512BW__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    simd::U32x16 bits;  // round to nearest even, NaN to 0x7FC0, as simd::to_bfloat16_bits
+    std::memcpy(&bits, &v, sizeof(bits));
+    simd::U32x16 r = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const simd::I32x16 is_nan = v != v;
+    r = is_nan ? simd::U32x16{} + 0x7FC0u : r;
+    __m256i lo, hi;
+    std::memcpy(&lo, &r, 32);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&r) + 32, 32);
+    // packus works per 128-bit lane: (lo 0-3, hi 0-3, lo 4-7, hi 4-7); the permute restores the order
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+    return;
+  }
+#endif
+  simd::store<A>(p, v);
+}
+
+// W elements row[idx[0]], ..., row[idx[W-1]] in the accumulation type: AVX2 gathers for float32.
+template <typename T, typename A>
+inline simd::Vec<A> gather(const T* row, const int32_t* idx) {
+  simd::Vec<A> v;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    static_assert(simd::Simd<float>::W == 16, "two 8-lane gathers fill a vector");
+    const __m256 lo = _mm256_i32gather_ps(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4);
+    const __m256 hi = _mm256_i32gather_ps(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + 8)), 4);
+    std::memcpy(&v, &lo, 32);
+    std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+    return v;
+  }
+#endif
+  for (int l = 0; l < simd::Simd<A>::W; ++l) v[l] = static_cast<A>(row[idx[l]]);
+  return v;
 }
 
 // The lanes of an accumulator vector summed in a fixed order.

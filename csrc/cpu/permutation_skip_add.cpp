@@ -41,13 +41,6 @@ std::vector<int32_t> checked_permutation(const at::Tensor& index, const at::Tens
   return std::vector<int32_t>(src, src + d);
 }
 
-template <typename T, typename A>
-inline simd::Vec<A> gather(const T* row, const int32_t* idx) {
-  simd::Vec<A> v;
-  for (int l = 0; l < simd::Simd<A>::W; ++l) v[l] = static_cast<A>(row[idx[l]]);
-  return v;
-}
-
 template <bool HAS_BRANCH, typename T, typename A = acc_type<T>>
 inline void forward_row(const T* x, const int32_t* idx, const T* b, T* y, int64_t d, A a) {
   constexpr int W = simd::Simd<A>::W;
@@ -56,7 +49,7 @@ inline void forward_row(const T* x, const int32_t* idx, const T* b, T* y, int64_
   for (; i + W <= d; i += W) {
     simd::Vec<A> v = av * gather<T, A>(x, idx + i);
     if constexpr (HAS_BRANCH) v += simd::load<A>(b + i);
-    simd::store<A>(y + i, v);
+    store<A>(y + i, v);
   }
   for (; i < d; ++i) {
     A v = a * static_cast<A>(x[idx[i]]);
@@ -73,7 +66,7 @@ inline void backward_row(const T* g, const int32_t* inv, const T* x, T* dx, int6
   int64_t j = 0;
   for (; j + W <= d; j += W) {
     const simd::Vec<A> gv = gather<T, A>(g, inv + j);
-    if constexpr (DX) simd::store<A>(dx + j, av * gv);
+    if constexpr (DX) store<A>(dx + j, av * gv);
     if constexpr (DA) acc += gv * simd::load<A>(x + j);
   }
   for (; j < d; ++j) {
