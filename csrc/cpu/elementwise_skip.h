@@ -71,6 +71,24 @@ inline void store(T* p, const simd::Vec<A>& v) {
   simd::store<A>(p, v);
 }
 
+// simd::load, with bfloat16 widened by AVX2 zero-extensions where the target lacks AVX-512
+// (the generic 16 -> 32-bit vector conversion of a 64-byte vector is not one instruction there).
+template <typename A, typename T>
+inline simd::Vec<A> load(const T* p) {
+#if defined(__AVX2__) && !defined(__AVX512BW__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    const __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+    const __m256i hi =
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))), 16);
+    simd::Vec<A> v;
+    std::memcpy(&v, &lo, 32);
+    std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+    return v;
+  }
+#endif
+  return simd::load<A>(p);
+}
+
 // W elements row[idx[0]], ..., row[idx[W-1]] in the accumulation type: AVX2 gathers for float32.
 template <typename T, typename A>
 inline simd::Vec<A> gather(const T* row, const int32_t* idx) {

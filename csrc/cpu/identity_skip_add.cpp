@@ -28,7 +28,6 @@ inline void for_segments(int64_t begin, int64_t end, int64_t cols, Fn&& fn) {
 // y[i] = a * x[i] + b[i] (HAS_BRANCH) or a * x[i], i < len.
 template <bool HAS_BRANCH, typename T, typename A = acc_type<T>>
 inline void forward_segment(const T* x, const T* b, T* y, int64_t len, A a) {
-  using simd::load;
   constexpr int W = simd::Simd<A>::W;
   const simd::Vec<A> av = simd::broadcast(a);
   int64_t i = 0;
@@ -53,7 +52,6 @@ inline void forward_segment(const T* x, const T* b, T* y, int64_t len, A a) {
 // dx[i] = a * g[i] (DX) and acc += g[i] * x[i] (DA), i < len.
 template <bool DX, bool DA, typename T, typename A = acc_type<T>>
 inline void backward_segment(const T* g, const T* x, T* dx, int64_t len, A a, simd::Vec<A> (&acc)[2], A& tail) {
-  using simd::load;
   constexpr int W = simd::Simd<A>::W;
   const simd::Vec<A> av = simd::broadcast(a);
   int64_t i = 0;

@@ -48,7 +48,7 @@ inline void forward_row(const T* x, const int32_t* idx, const T* b, T* y, int64_
   int64_t i = 0;
   for (; i + W <= d; i += W) {
     simd::Vec<A> v = av * gather<T, A>(x, idx + i);
-    if constexpr (HAS_BRANCH) v += simd::load<A>(b + i);
+    if constexpr (HAS_BRANCH) v += load<A>(b + i);
     store<A>(y + i, v);
   }
   for (; i < d; ++i) {
@@ -67,7 +67,7 @@ inline void backward_row(const T* g, const int32_t* inv, const T* x, T* dx, int6
   for (; j + W <= d; j += W) {
     const simd::Vec<A> gv = gather<T, A>(g, inv + j);
     if constexpr (DX) store<A>(dx + j, av * gv);
-    if constexpr (DA) acc += gv * simd::load<A>(x + j);
+    if constexpr (DA) acc += gv * load<A>(x + j);
   }
   for (; j < d; ++j) {
     const A gj = static_cast<A>(g[inv[j]]);
