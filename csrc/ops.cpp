@@ -77,3 +77,30 @@ TORCH_LIBRARY(entskip, m) {
       "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor perm, Tensor alpha, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
+
+// Elementwise skips (csrc/cpu/identity_skip_add.cpp, csrc/cpu/permutation_skip_add.cpp):
+// x, branch, grad of any shape (..., D), features last, any strides (the kernels read rows
+// in place where the last dim is contiguous). Backward ops return (dx, dalpha), each
+// undefined when its entry of output_mask is false; dbranch = grad needs no op.
+//
+// Identity:     y = alpha * x + branch;            dx = alpha * grad,  dalpha = sum(grad * x).
+// Permutation:  y[..., i] = alpha * x[..., index[i]] + branch[..., i], with inverse[index[i]] = i;
+//               dx[..., j] = alpha * grad[..., inverse[j]],  dalpha = sum_j grad[..., inverse[j]] * x[..., j].
+// dalpha is a deterministic reduction (fixed chunks of the flattened input, float32
+// accumulation, float64 for float64; the chunks' sums added in order in float64).
+TORCH_LIBRARY_FRAGMENT(entskip, m) {
+  m.def("identity_skip_add(Tensor x, Tensor alpha, Tensor? branch) -> Tensor");
+  m.def("identity_skip_add_backward(Tensor grad, Tensor x, Tensor alpha, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def("permutation_skip_add(Tensor x, Tensor index, Tensor inverse, Tensor alpha, Tensor? branch) -> Tensor");
+  m.def(
+      "permutation_skip_add_backward(Tensor grad, Tensor x, Tensor index, Tensor inverse, Tensor alpha, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+  // The CUDA C++ backend of the two families (csrc/cuda/elementwise_skip.cu).
+  m.def("_cuda_identity_skip_add(Tensor x, Tensor alpha, Tensor? branch) -> Tensor");
+  m.def(
+      "_cuda_identity_skip_add_backward(Tensor grad, Tensor x, Tensor alpha, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def("_cuda_permutation_skip_add(Tensor x, Tensor index, Tensor inverse, Tensor alpha, Tensor? branch) -> Tensor");
+  m.def(
+      "_cuda_permutation_skip_add_backward(Tensor grad, Tensor x, Tensor index, Tensor inverse, Tensor alpha, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+}

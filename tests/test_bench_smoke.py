@@ -67,3 +67,16 @@ def test_several_backends_are_timed_side_by_side(tmp_path, capsys):
     assert data["backend"] == {"requested": ["cpu", "reference"], "resolved": ["cpu", "reference"]}
     timed = {r["method"] for r in data["results"] if r["status"] == "ok"}
     assert {"entskip-bsr@cpu", "entskip-bsr@reference", "x+r"} <= timed
+
+
+def test_skips_grid_times_every_method_and_checks_the_targets():
+    from entskip.bench import skips
+
+    records = skips.run_grid(torch.device("cpu"), ["float32"], repeats=2, shapes=((4, 32), (2, 3, 16)))
+    assert {(r["method"], r["pass"]) for r in records} == {(m, p) for m in skips.LABELS for p in ("forward", "fwd+bwd")}
+    assert len(records) == 2 * 2 * len(skips.LABELS)
+    for rec in records:
+        assert len(rec["samples_ms"]) == 2 and _positive(rec["median_ms"]) and _positive(rec["vs_add"])
+        if (rec["method"], rec["pass"]) in skips.TARGETS:
+            assert set(rec["target"]) == {"versus", "max_ratio", "ratio", "met"}
+    assert "entskip permutation" in skips.table(records)

@@ -28,7 +28,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import bsr_skip, dense_skip, tuning
+from . import bsr_skip, dense_skip, elementwise_skip, tuning
 
 # (dtype, tl.dot input precision): float32 with and without TF32. float16 builds the same
 # tiles as bfloat16 (same size, same MMA shapes); `--dtype fp16` compiles it too.
@@ -72,7 +72,8 @@ def _variants():
     for dtype, precision in PRECISIONS:
         dt = tuning.triton_dtype(dtype)
         acc = "fp64" if dt == "fp64" else "fp32"
-        types = {name: f"*{dt}" for name in ("a_ptr", "v_ptr", "x_ptr", "b_ptr", "branch_ptr", "out_ptr", "c_ptr", "dot_ptr")}
+        types = {name: f"*{dt}" for name in ("a_ptr", "v_ptr", "x_ptr", "b_ptr", "branch_ptr", "out_ptr", "c_ptr", "dot_ptr",
+                                            "g_ptr", "dx_ptr")}
         types.update({name: "*i64" for name in ("ptr_ptr", "idx_ptr", "perm_ptr", "block_row_ptr", "col_ptr")})
         types.update({"alpha_ptr": "*fp32", "part_ptr": f"*{acc}"})
         common = {"UPCAST": False, "PRECISION": precision}
@@ -92,6 +93,22 @@ def _variants():
         ]:
             flags = {**common, "HAS_DOT": False, **flags, **{one: 1 for one in ones}}
             yield (name, dense_skip._matmul_kernel, dense_skip.matmul_fits, dtype, types, flags, aligned, (None,))
+        if precision == "ieee":  # the elementwise skips: no dot, one fixed tile
+            yield from _elementwise_variants(dtype, types, common)
+
+
+def _elementwise_variants(dtype, types, common):
+    """The elementwise-skip kernels (one fixed config each, no autotuning), as ``_variants`` yields them."""
+    one = [triton.Config({"ROWS": elementwise_skip.ROWS, "COLS": elementwise_skip.COLS},
+                         num_warps=elementwise_skip.NUM_WARPS, num_stages=1)]
+    for name, kernel, flags in [
+        ("elementwise/fwd", elementwise_skip._forward_kernel, {"HAS_INDEX": False, "HAS_BRANCH": True}),
+        ("elementwise/fwd_perm", elementwise_skip._forward_kernel, {"HAS_INDEX": True, "HAS_BRANCH": True}),
+        ("elementwise/bwd", elementwise_skip._backward_kernel, {"HAS_INDEX": False, "DX": True, "DA": True}),
+        ("elementwise/bwd_perm", elementwise_skip._backward_kernel, {"HAS_INDEX": True, "DX": True, "DA": True}),
+    ]:
+        yield (name, SimpleNamespace(fn=kernel, configs=one), lambda config, args: True, dtype, types,
+               {**common, **flags}, (), (None,))
 
 
 def _signature(fn, types: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -140,10 +157,12 @@ def _compile(spec) -> Build:
     v, block, c, arch = spec
     name, autotuner, _fits, dtype, types, flags, aligned, _blocks = list(_variants())[v]
     fn, config = autotuner.fn, autotuner.configs[c]
-    constexprs = {**flags, **config.kwargs, **({"B": block} if block is not None else {})}
+    constexprs = {k: v for k, v in {**flags, **config.kwargs, **({"B": block} if block is not None else {})}.items()
+                  if k in fn.arg_names}
     build = Build(name, "tf32" if flags["PRECISION"] == "tf32" else tuning.triton_dtype(dtype), block, f"{config.kwargs} w{config.num_warps} s{config.num_stages}", arch)
     # wgmma multiplies 64-row tiles: the sampled product's b x b tiles use mma.sync for b < 64
-    build.expect_wgmma = arch >= 90 and build.dtype in ("bf16", "fp16") and (not name.startswith("sampled") or block >= 64)
+    build.expect_wgmma = (arch >= 90 and build.dtype in ("bf16", "fp16") and not name.startswith("elementwise")
+                          and (not name.startswith("sampled") or block >= 64))
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, types, constexprs), constexprs=constexprs,
                                         attrs=_attrs(fn, types, constexprs, aligned))

@@ -111,4 +111,28 @@ int dense_dx(const DenseArgs& args, Scalar dtype, cudaStream_t stream);       //
 int dense_sampled(const DenseArgs& args, Scalar dtype, cudaStream_t stream);  // S = g^T x (accumulation type)
 const char* dense_status_string(int status);
 
+// Elementwise skips (csrc/cuda/elementwise_skip.cu) on (n, d) matrices with unit column
+// stride and the given row strides; outputs are contiguous (n, d). index: the gather
+// index of the forward (a permutation) or the inverse permutation of the backward, or
+// nullptr for the identity. Each element is read and written once:
+//   forward   out[r][c] = alpha * x[r][index[c]] + branch[r][c]        (branch optional)
+//   backward  gv = grad[r][index[c]];  dx[r][c] = alpha * gv (if dx);
+//             partials[block] = sum over the block's elements of gv * x[r][c] (if partials)
+// The partials (elementwise_partials(n, d) doubles, one per CUDA block) are summed in
+// order by the caller: dalpha is deterministic.
+struct ElementwiseArgs {
+  const void* x;
+  const void* branch;   // or nullptr
+  const void* grad;     // backward
+  const int64_t* index; // or nullptr
+  const void* alpha;
+  bool alpha_double;
+  void* out;            // y (forward) or dx (backward; nullptr when not needed)
+  void* partials;       // backward dalpha partials, or nullptr
+  int64_t n, d, stride_x, stride_branch, stride_grad;
+};
+int64_t elementwise_partials(int64_t n, int64_t d);
+const char* launch_elementwise_forward(const ElementwiseArgs& args, Scalar dtype, cudaStream_t stream);
+const char* launch_elementwise_backward(const ElementwiseArgs& args, Scalar dtype, cudaStream_t stream);
+
 }  // namespace entskip::cuda

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import weakref
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends
 
@@ -141,3 +143,51 @@ def validate_layout(crow: Tensor, col: Tensor, ccol: Tensor, row: Tensor, perm: 
     from . import layout  # layout imports reference only; kept local for import order
 
     layout.validate(crow, col, ccol, row, perm, block)
+
+
+def check_elementwise(x: Tensor, alpha: Tensor, branch: Tensor | None = None, grad: Tensor | None = None) -> None:
+    """Checks the arguments of the elementwise skips (identity, permutation): ``x (..., D)``
+    of any strides, ``branch`` and ``grad`` of ``x``'s shape, dtype and device."""
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the features)")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    _check_alpha(alpha, x.device)
+    for t, name in ((branch, "branch"), (grad, "grad")):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.shape != x.shape:
+            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+
+
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter; ``None`` for an inference tensor, which has none."""
+    return None if t.is_inference() else t._version
+
+
+_validated_permutations = WeakIdKeyDictionary()  # index -> (weakref, version) of index and inverse
+
+
+def validate_permutation(index: Tensor, inverse: Tensor, x: Tensor) -> None:
+    """Raise ``ValueError`` unless ``index`` is a permutation of ``0..D-1`` (``D`` = x's
+    features) and ``inverse`` its inverse. Checked on the host the first time, then
+    remembered while neither tensor changes (later calls do not synchronise)."""
+    d = x.shape[-1]
+    for t, name in ((index, "index"), (inverse, "inverse")):
+        if t.dim() != 1 or t.dtype != torch.int64 or not t.is_contiguous() or t.device != x.device:
+            raise ValueError(f"{name} must be a contiguous 1-D int64 tensor on {x.device}")
+        if t.numel() != d:
+            raise ValueError(f"{name} must have {d} entries (x's features), got {t.numel()}")
+    entry = _validated_permutations.get(index)
+    if entry is not None and all(ref() is t and _version(t) == v for (ref, v), t in zip(entry, (index, inverse))):
+        return
+    i, v = index.cpu(), inverse.cpu()
+    if not torch.equal(torch.sort(i).values, torch.arange(d)):
+        raise ValueError(f"index must be a permutation of 0..{d - 1}")
+    if not torch.equal(v[i], torch.arange(d)):
+        raise ValueError("inverse is not the inverse permutation of index")
+    _validated_permutations[index] = tuple((weakref.ref(t), _version(t)) for t in (index, inverse))

@@ -43,7 +43,9 @@ from torch.nn.utils import parametrize
 from . import devices, layout as _layout, reference, versions
 from .bsr_skip import bsr_skip_add
 from .dense_skip import dense_skip_add
+from .identity_skip import identity_skip_add
 from .layout import BlockLayout
+from .permutation_skip import permutation_skip_add
 
 __all__ = [
     "BlockLayout",
@@ -170,7 +172,7 @@ class IdentityMapping(Mapping):
         return torch.eye(self.in_features)
 
     def skip_add_2d(self, x, branch, alpha):
-        return reference.identity_skip_add(x, branch, alpha)
+        return identity_skip_add(x, branch, alpha)
 
     @property
     def density(self) -> float:
@@ -216,6 +218,8 @@ class PermutationMapping(Mapping):
         super().__init__(n, n)
         self.register_buffer("index", index.to(torch.int64))
         versions.remember((self.index,), "permutation")
+        # the inverse permutation, for dx (derived from index: not saved)
+        self.register_buffer("inverse", torch.argsort(self.index), persistent=False)
 
     def matrix(self) -> Tensor:
         return torch.eye(self.in_features, device=self.index.device)[self.index]
@@ -226,13 +230,14 @@ class PermutationMapping(Mapping):
         if not torch.compiler.is_compiling() and not versions.is_current((index,), "permutation"):
             _check_permutation(index, self.in_features, "the mapping's index (edited in place?)")
             versions.remember((index,), "permutation")
-        return reference.permutation_skip_add(x, index, branch, alpha)
+        return permutation_skip_add(x, index, self.inverse, branch, alpha)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         index = state_dict.get(prefix + "index")
         if index is not None:
             _check_permutation(index, self.in_features, f"state_dict '{prefix}index'")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.inverse = torch.argsort(self.index)  # follows the loaded index
 
     @property
     def density(self) -> float:

@@ -25,9 +25,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import devices, reference
+from . import devices
 from .bsr_skip import bsr_skip_add
 from .dense_skip import dense_skip_add
+from .identity_skip import identity_skip_add
 from .layout import BlockLayout
 from .mappings import Mapping
 
@@ -37,7 +38,7 @@ def _bound(mapping, x: Tensor) -> tuple[int | None, int | None, Callable[[Tensor
     if isinstance(mapping, Mapping):
         return mapping.in_features, mapping.out_features, mapping.skip_add_2d
     if mapping is None:
-        return None, None, reference.identity_skip_add
+        return None, None, identity_skip_add
     if not isinstance(mapping, Tensor):
         raise TypeError(f"mapping must be an entskip Mapping, a tensor or None, got {type(mapping).__name__}")
     devices.check_same(x, mapping=mapping)

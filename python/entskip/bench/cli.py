@@ -62,6 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, help="output folder (default: bench/results of the repo, else the working directory)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument(
+        "--skips", action="store_true",
+        help="instead of the grid: the identity/permutation skips on 16x197x192, 8192x1024, 64x197x768 "
+             "beside torch.add(r, x, alpha=a) and x + r (--dtypes, --repeats, --no-backward apply)",
+    )
+    p.add_argument(
+        "--timm-step", action="store_true",
+        help="also (or, without --skips, only) a timm vit_tiny_patch16_224 training step, plain vs entangled",
+    )
     args = p.parse_args(argv)
 
     if args.device is None:
@@ -94,6 +103,8 @@ def _backend_in_use(device: torch.device) -> str:
 def main(argv=None) -> Path:
     """Run the benchmark; returns the path of the JSON it wrote."""
     args = parse_args(argv)
+    if args.skips or args.timm_step:
+        return _main_skips(args)
     start = time.perf_counter()
     device = torch.device(args.device)
     env = environment(device)  # before the run: its load average is the other work's
@@ -139,3 +150,35 @@ def main(argv=None) -> Path:
     print("\n".join(f"wrote {p}" for p in written))
     return json_path
 
+
+
+def _main_skips(args) -> Path:
+    """``--skips`` / ``--timm-step``: the elementwise-skip grid and the ViT-Ti step (:mod:`.skips`)."""
+    from . import skips
+
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    env = environment(device)
+    stem = f"entskip-bench-skips-{device.type}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    payload = {**env, "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "backend": {"requested": args.backend, "resolved": [_backend_in_use(device)]}}
+    if args.skips:
+        repeats = args.repeats if args.repeats != SIZES[args.device]["repeats"] else 15
+        with entskip.use_backend(args.backend[0]):
+            records = skips.run_grid(device, args.dtypes, repeats, backward=not args.no_backward)
+        print(skips.table(records), flush=True)
+        payload.update(repeats=repeats, targets={f"{m} {p}": t for (m, p), t in skips.TARGETS.items()}, results=records)
+    if args.timm_step:
+        with entskip.use_backend(args.backend[0]):
+            payload["timm_step"] = step = skips.timm_step()
+        if step["status"] == "ok":
+            print(f"\ntimm vit_tiny_patch16_224 training step, batch 16: plain {step['plain_ms']:.1f} ms, "
+                  f"entangled {step['entangled_ms']:.1f} ms, ratio {step['ratio']:.3f} "
+                  f"({'met' if step['target']['met'] else 'MISSED'} <= 1.03)")
+        else:
+            print(f"\ntimm step: n/a ({step['reason']})")
+    payload["wall_s"] = time.perf_counter() - start
+    path = args.out / f"{stem}.json"
+    write_json(path, payload)
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,118 @@
+// Shared plumbing of the elementwise skips (identity_skip_add.cpp, permutation_skip_add.cpp):
+// tensors of any shape (..., D) seen as (rows, D) matrices read in place, the fixed work
+// chunks, and the deterministic dalpha reduction.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "../checks.h"
+#include "../rows.h"
+#include "common.h"
+#include "simd.h"
+
+namespace entskip::cpu::elementwise {
+
+using entskip::Rows, entskip::as_rows, entskip::dense;
+
+// Elements per work item and per dalpha partial sum. Fixed, so the partials and their
+// order depend on the shape only, never on the number of threads.
+constexpr int64_t kChunk = 16384;
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  check_cpu(t, name);
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, name,
+              " must be float32, float64, bfloat16 or float16, got ", st);
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  check_cpu(t, name);
+  check_same(t, x, name, "x");
+  TORCH_CHECK(t.sizes() == x.sizes(), name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+}
+
+// sum(partials) in float64, in order, as a tensor of alpha's dtype and shape.
+inline at::Tensor sum_partials(const std::vector<double>& partials, const at::Tensor& alpha) {
+  double s = 0.0;
+  for (const double p : partials) s += p;
+  return at::scalar_tensor(s, alpha.options().dtype(at::kDouble)).to(alpha.scalar_type()).reshape(alpha.sizes());
+}
+
+// simd::store, with bfloat16 narrowed by AVX2 packs where the target lacks AVX-512: there
+// the generic 32 -> 16-bit vector truncation compiles to a slow lane-by-lane sequence.
+template <typename A, typename T>
+inline void store(T* p, const simd::Vec<A>& v) {
+#if defined(__AVX2__) && !defined(__AVX512BW__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    simd::U32x16 bits;  // round to nearest even, NaN to 0x7FC0, as simd::to_bfloat16_bits
+    std::memcpy(&bits, &v, sizeof(bits));
+    simd::U32x16 r = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const simd::I32x16 is_nan = v != v;
+    r = is_nan ? simd::U32x16{} + 0x7FC0u : r;
+    __m256i lo, hi;
+    std::memcpy(&lo, &r, 32);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&r) + 32, 32);
+    // packus works per 128-bit lane: (lo 0-3, hi 0-3, lo 4-7, hi 4-7); the permute restores the order
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+    return;
+  }
+#endif
+  simd::store<A>(p, v);
+}
+
+// simd::load, with bfloat16 widened by AVX2 zero-extensions where the target lacks AVX-512
+// (the generic 16 -> 32-bit vector conversion of a 64-byte vector is not one instruction there).
+template <typename A, typename T>
+inline simd::Vec<A> load(const T* p) {
+#if defined(__AVX2__) && !defined(__AVX512BW__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    const __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+    const __m256i hi =
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))), 16);
+    simd::Vec<A> v;
+    std::memcpy(&v, &lo, 32);
+    std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+    return v;
+  }
+#endif
+  return simd::load<A>(p);
+}
+
+// W elements row[idx[0]], ..., row[idx[W-1]] in the accumulation type: AVX2 gathers for float32.
+template <typename T, typename A>
+inline simd::Vec<A> gather(const T* row, const int32_t* idx) {
+  simd::Vec<A> v;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    static_assert(simd::Simd<float>::W == 16, "two 8-lane gathers fill a vector");
+    const __m256 lo = _mm256_i32gather_ps(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4);
+    const __m256 hi = _mm256_i32gather_ps(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + 8)), 4);
+    std::memcpy(&v, &lo, 32);
+    std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+    return v;
+  }
+#endif
+  for (int l = 0; l < simd::Simd<A>::W; ++l) v[l] = static_cast<A>(row[idx[l]]);
+  return v;
+}
+
+// The lanes of an accumulator vector summed in a fixed order.
+template <typename acc_t>
+inline double lane_sum(const simd::Vec<acc_t>& v) {
+  acc_t s = 0;
+  for (int l = 0; l < simd::Simd<acc_t>::W; ++l) s += v[l];
+  return static_cast<double>(s);
+}
+
+}  // namespace entskip::cpu::elementwise

@@ -1,0 +1,167 @@
+// CPU implementation of the identity skip-add, y = alpha * x + branch, and its backward
+// dx = alpha * grad, dalpha = sum(grad * x) (schemas in csrc/ops.cpp), each in one pass over
+// memory: x and branch read where they lie (rows with a row stride), y written once, and
+// dx and dalpha from the same read of grad and x. The flattened problem is cut into fixed
+// chunks of elementwise::kChunk elements, the work items of at::parallel_for and the
+// terms of dalpha's sum (float32 accumulation, float64 for float64): its bits do not
+// depend on the number of threads.
+#include <ATen/Dispatch_v2.h>
+#include <torch/library.h>
+
+#include "elementwise_skip.h"
+
+namespace entskip::cpu {
+namespace {
+
+using namespace elementwise;
+
+// fn(row, col, len) for the row segments of the flat range [begin, end) of a (rows, cols) matrix.
+template <typename Fn>
+inline void for_segments(int64_t begin, int64_t end, int64_t cols, Fn&& fn) {
+  while (begin < end) {
+    const int64_t row = begin / cols, col = begin % cols, len = std::min(cols - col, end - begin);
+    fn(row, col, len);
+    begin += len;
+  }
+}
+
+// y[i] = a * x[i] + b[i] (HAS_BRANCH) or a * x[i], i < len.
+template <bool HAS_BRANCH, typename T, typename A = acc_type<T>>
+inline void forward_segment(const T* x, const T* b, T* y, int64_t len, A a) {
+  constexpr int W = simd::Simd<A>::W;
+  const simd::Vec<A> av = simd::broadcast(a);
+  int64_t i = 0;
+  for (; i + 2 * W <= len; i += 2 * W) {
+    simd::Vec<A> v0 = av * load<A>(x + i), v1 = av * load<A>(x + i + W);
+    if constexpr (HAS_BRANCH) v0 += load<A>(b + i), v1 += load<A>(b + i + W);
+    store<A>(y + i, v0);
+    store<A>(y + i + W, v1);
+  }
+  for (; i + W <= len; i += W) {
+    simd::Vec<A> v = av * load<A>(x + i);
+    if constexpr (HAS_BRANCH) v += load<A>(b + i);
+    store<A>(y + i, v);
+  }
+  for (; i < len; ++i) {
+    A v = a * static_cast<A>(x[i]);
+    if constexpr (HAS_BRANCH) v += static_cast<A>(b[i]);
+    y[i] = static_cast<T>(v);
+  }
+}
+
+// dx[i] = a * g[i] (DX) and acc += g[i] * x[i] (DA), i < len.
+template <bool DX, bool DA, typename T, typename A = acc_type<T>>
+inline void backward_segment(const T* g, const T* x, T* dx, int64_t len, A a, simd::Vec<A> (&acc)[2], A& tail) {
+  constexpr int W = simd::Simd<A>::W;
+  const simd::Vec<A> av = simd::broadcast(a);
+  int64_t i = 0;
+  for (; i + 2 * W <= len; i += 2 * W) {
+    const simd::Vec<A> g0 = load<A>(g + i), g1 = load<A>(g + i + W);
+    if constexpr (DX) store<A>(dx + i, av * g0), store<A>(dx + i + W, av * g1);
+    if constexpr (DA) acc[0] += g0 * load<A>(x + i), acc[1] += g1 * load<A>(x + i + W);
+  }
+  for (; i + W <= len; i += W) {
+    const simd::Vec<A> g0 = load<A>(g + i);
+    if constexpr (DX) store<A>(dx + i, av * g0);
+    if constexpr (DA) acc[0] += g0 * load<A>(x + i);
+  }
+  for (; i < len; ++i) {
+    const A gi = static_cast<A>(g[i]);
+    if constexpr (DX) dx[i] = static_cast<T>(a * gi);
+    if constexpr (DA) tail += gi * static_cast<A>(x[i]);
+  }
+}
+
+int64_t chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+
+at::Tensor identity_skip_add(const at::Tensor& x, const at::Tensor& alpha, const c10::optional<at::Tensor>& branch) {
+  check_floating(x, "x");
+  check_alpha(alpha, x);
+  if (branch.has_value()) check_like(*branch, x, "branch");
+  const double a = alpha_value(alpha);
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t total = x.numel();
+  if (total == 0) return y;
+  const Rows xr = as_rows(x);
+  const Rows br = branch.has_value() ? as_rows(*branch) : xr;
+  // Dense operands are one long row: segments end at chunk boundaries only.
+  const bool flat = dense(xr) && dense(br);
+  const int64_t cols = flat ? total : xr.cols;
+  const int64_t xs = flat ? 0 : xr.stride, bs = flat ? 0 : br.stride;
+  AT_DISPATCH_V2(x.scalar_type(), "entskip_identity_skip_add_cpu", AT_WRAP([&] {
+    using A = acc_type<scalar_t>;
+    const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
+    const scalar_t* bp = branch.has_value() ? br.t.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, chunks(total), 1, [&](int64_t begin, int64_t end) {
+      for_segments(begin * kChunk, std::min(end * kChunk, total), cols, [&](int64_t row, int64_t col, int64_t len) {
+        const scalar_t* xi = xp + row * xs + col;
+        scalar_t* yi = yp + row * cols + col;
+        if (bp != nullptr) {
+          forward_segment<true>(xi, bp + row * bs + col, yi, len, static_cast<A>(a));
+        } else {
+          forward_segment<false>(xi, static_cast<const scalar_t*>(nullptr), yi, len, static_cast<A>(a));
+        }
+      });
+    });
+  }), at::kFloat, at::kDouble, at::kBFloat16, at::kHalf);
+  return y;
+}
+
+template <bool DX, bool DA, typename T>
+void backward_kernel(const Rows& gr, const Rows& xr, T* dxp, double a, int64_t total, std::vector<double>& partials) {
+  using A = acc_type<T>;
+  const bool flat = dense(gr) && dense(xr);
+  const int64_t cols = flat ? total : gr.cols;
+  const int64_t gs = flat ? 0 : gr.stride, xs = flat ? 0 : xr.stride;
+  const T* gp = gr.t.const_data_ptr<T>();
+  const T* xp = xr.t.const_data_ptr<T>();
+  at::parallel_for(0, chunks(total), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      simd::Vec<A> acc[2] = {};
+      A tail = 0;
+      for_segments(c * kChunk, std::min((c + 1) * kChunk, total), cols, [&](int64_t row, int64_t col, int64_t len) {
+        backward_segment<DX, DA>(gp + row * gs + col, xp + row * xs + col, DX ? dxp + row * cols + col : nullptr, len,
+                                 static_cast<A>(a), acc, tail);
+      });
+      if constexpr (DA) partials[c] = lane_sum<A>(acc[0] + acc[1]) + static_cast<double>(tail);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> identity_skip_add_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                              const at::Tensor& alpha, std::array<bool, 2> output_mask) {
+  check_floating(x, "x");
+  check_alpha(alpha, x);
+  check_like(grad, x, "grad");
+  const double a = alpha_value(alpha);
+  const int64_t total = x.numel();
+  at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
+                                 : at::Tensor();
+  std::vector<double> partials(output_mask[1] ? chunks(total) : 0);
+  if (total > 0 && (output_mask[0] || output_mask[1])) {
+    const Rows gr = as_rows(grad);
+    const Rows xr = output_mask[1] ? as_rows(x) : gr;  // x is read only for dalpha
+    AT_DISPATCH_V2(x.scalar_type(), "entskip_identity_skip_add_backward_cpu", AT_WRAP([&] {
+      scalar_t* dxp = output_mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+      if (output_mask[0] && output_mask[1]) {
+        backward_kernel<true, true>(gr, xr, dxp, a, total, partials);
+      } else if (output_mask[0]) {
+        backward_kernel<true, false>(gr, xr, dxp, a, total, partials);
+      } else {
+        backward_kernel<false, true>(gr, xr, dxp, a, total, partials);
+      }
+    }), at::kFloat, at::kDouble, at::kBFloat16, at::kHalf);
+  }
+  at::Tensor dalpha = output_mask[1] ? sum_partials(partials, alpha) : at::Tensor();
+  return {dx, dalpha};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(entskip, CPU, m) {
+  m.impl("identity_skip_add", &identity_skip_add);
+  m.impl("identity_skip_add_backward", &identity_skip_add_backward);
+}
+
+}  // namespace entskip::cpu

@@ -1,0 +1,427 @@
+"""The fused identity and permutation skip-adds (``identity_skip.py``, ``permutation_skip.py``):
+the mappings and ``skip_add(x, None)`` run them, and every backend matches the float64
+reference forward and in every gradient, on any leading shape, dtype, stride and size.
+
+The Triton kernels run in the interpreter here (``TRITON_INTERPRET=1``, set by conftest)
+on CPU tensors through ``gpu_forward``/``gpu_backward``; the CUDA C++ kernels are
+compile-checked by ``.ci/nvcc_check.sh``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import entskip
+from entskip import gpu_dispatch, identity_skip, mappings, permutation_skip, reference
+
+from conftest import assert_close
+
+OPS = torch.ops.entskip
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+LEADS = [(1,), (7,), (3, 100), (2, 3, 5), (0,), (2, 0, 3)]
+KINDS = ["identity", "permutation"]
+
+
+def _mapping(kind: str, d: int) -> mappings.Mapping:
+    return mappings.identity(d) if kind == "identity" else mappings.permutation(d, seed=d)
+
+
+def _reference(kind, mapping, x, branch, alpha):
+    if kind == "identity":
+        return reference.identity_skip_add(x, branch, alpha)
+    return reference.permutation_skip_add(x, mapping.index, branch, alpha)
+
+
+def _inputs(shape, dtype, seed=0, alpha=0.7):
+    gen = torch.Generator().manual_seed(seed)
+    x, branch, grad = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
+    a = torch.tensor(alpha, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return x, branch, grad, a
+
+
+class _OpLog(TorchDispatchMode):
+    """Records every op that reaches the dispatcher's Python mode (``ops``), and those with a
+    tensor argument of more than one element (``big``: not the checks of a 0-d alpha)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.big = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        if any(isinstance(t, torch.Tensor) and t.numel() > 1 for t in flat):
+            self.big.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# ----------------------------------------------------------------------------------------
+# Fusion: the mappings and skip_add(x, None) go through the fused ops.
+
+@pytest.mark.parametrize("call", ["identity_mapping", "skip_add_none", "entangled_skip", "permutation_mapping"])
+def test_skips_run_the_fused_op(call, cpu_backend):
+    x, branch, _, alpha = _inputs((4, 32), torch.float32)
+    fused = "entskip.permutation_skip_add.default" if call == "permutation_mapping" else "entskip.identity_skip_add.default"
+    identity, perm, module = mappings.identity(32), mappings.permutation(32, seed=1), entskip.EntangledSkip(32, alpha=0.9)
+    with _OpLog() as log:
+        if call == "identity_mapping":
+            identity.skip_add_2d(x, branch, alpha)
+        elif call == "skip_add_none":
+            entskip.skip_add(x, None, branch, alpha)
+        elif call == "entangled_skip":
+            module(x, branch)
+        else:
+            perm.skip_add_2d(x, branch, alpha)
+    computing = [op for op in log.big if not op.startswith(("aten.reshape", "aten.view", "aten._unsafe_view"))]
+    assert computing == [fused], log.ops
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_backward_is_one_op(kind, cpu_backend):
+    """dx and dalpha come from one backward op; dbranch is the incoming gradient itself."""
+    x, branch, grad, alpha = _inputs((6, 48), torch.float32)
+    mapping = _mapping(kind, 48)
+    x, branch, alpha = (t.requires_grad_() for t in (x, branch, alpha))
+    y = entskip.skip_add(x, mapping, branch, alpha)
+    with _OpLog() as log:
+        dx, dbranch, dalpha = torch.autograd.grad(y, (x, branch, alpha), grad)
+    assert log.ops.count(f"entskip.{kind}_skip_add_backward.default") == 1
+    assert [op for op in log.big if not op.startswith(("aten.view", "aten._unsafe_view", "aten.reshape"))] == [
+        f"entskip.{kind}_skip_add_backward.default"], log.ops
+    assert dbranch is grad or dbranch.data_ptr() == grad.data_ptr()  # handed on, not copied
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_backend_keeps_plain_torch_ops(kind):
+    x, branch, _, alpha = _inputs((4, 16), torch.float32)
+    with entskip.use_backend("reference"), _OpLog() as log:
+        entskip.skip_add(x, _mapping(kind, 16), branch, alpha)
+    assert not [op for op in log.ops if op.startswith("entskip.")]
+    assert "aten.mul.Tensor" in log.ops
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_x_is_saved_only_for_dalpha(kind, cpu_backend):
+    x, branch, _, alpha = _inputs((4, 16), torch.float32)
+    mapping = _mapping(kind, 16)
+    for learnable, expected in ((False, False), (True, True)):
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        xg = x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            entskip.skip_add(xg, mapping, branch, alpha.clone().requires_grad_(learnable))
+        assert any(t is xg or (t.shape == xg.shape and t.data_ptr() == xg.data_ptr()) for t in saved) == expected
+
+
+# ----------------------------------------------------------------------------------------
+# Against the float64 reference: every backend, dtype, leading shape, branch or not.
+
+def _check(kind, dtype, lead, with_branch, run_forward, run_backward, d=40, seed=0):
+    mapping = _mapping(kind, d)
+    x, branch, grad, alpha = _inputs((*lead, d), dtype, seed)
+    branch = branch if with_branch else None
+    y = run_forward(mapping, x, branch, alpha)
+    dx, dalpha = run_backward(mapping, grad, x, alpha, [True, True])
+    xr, ar = x.double().requires_grad_(), alpha.double().requires_grad_()
+    y_ref = _reference(kind, mapping, xr, None if branch is None else branch.double(), ar)
+    dx_ref, dalpha_ref = torch.autograd.grad(y_ref, (xr, ar), grad.double())
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, dx_ref, dtype, "dx")
+    assert dalpha.dtype == alpha.dtype and dalpha.shape == ()
+    # dalpha sums N * D products that cancel: its scale is the sum of their magnitudes
+    assert_close(dalpha, dalpha_ref, dtype, "dalpha", scale=max((grad.double() * x.double()).abs().sum().item(), 1.0))
+    for mask in ([True, False], [False, True]):
+        got = run_backward(mapping, grad, x, alpha, mask)
+        assert [t is not None for t in got] == mask
+        if mask[0]:
+            assert torch.equal(got[0], dx)
+        else:  # the compiler may contract the products into FMAs differently without dx
+            assert_close(got[1], dalpha, dtype, "dalpha alone", scale=max((grad.double() * x.double()).abs().sum().item(), 1.0))
+
+
+def _cpu_forward(mapping, x, branch, alpha):
+    return entskip.skip_add(x, mapping, branch, alpha)
+
+
+def _cpu_backward(mapping, grad, x, alpha, mask):
+    if isinstance(mapping, mappings.IdentityMapping):
+        return OPS.identity_skip_add_backward(grad, x, alpha, mask)
+    return OPS.permutation_skip_add_backward(grad, x, mapping.index, mapping.inverse, alpha, mask)
+
+
+@pytest.mark.parametrize("with_branch", [True, False], ids=["branch", "nobranch"])
+@pytest.mark.parametrize("lead", LEADS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_matches_reference(kind, dtype, lead, with_branch, poisoned, cpu_backend):
+    _check(kind, dtype, lead, with_branch, _cpu_forward, _cpu_backward)
+
+
+@pytest.mark.parametrize("d", [1, 15, 16, 33, 1000])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_feature_counts_off_the_vector_width(kind, d, poisoned, cpu_backend):
+    _check(kind, torch.float32, (3, 7), True, _cpu_forward, _cpu_backward, d=d)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_public_autograd_matches_reference(kind, poisoned, cpu_backend):
+    """entskip.skip_add's own autograd (x, branch and a learnable alpha) against the reference's."""
+    mapping = _mapping(kind, 64)
+    x, branch, grad, alpha = _inputs((5, 9, 64), torch.float32, seed=1)
+    leaves = [t.clone().requires_grad_() for t in (x, branch, alpha)]
+    y = entskip.skip_add(leaves[0], mapping, leaves[1], leaves[2])
+    grads = torch.autograd.grad(y, leaves, grad)
+    ref = [t.double().requires_grad_() for t in (x, branch, alpha)]
+    y_ref = _reference(kind, mapping, *ref)
+    grads_ref = torch.autograd.grad(y_ref, ref, grad.double())
+    assert_close(y, y_ref, torch.float32, "y")
+    scale = (grad.double() * x.double()).abs().sum().item()
+    for name, g, g_ref in zip(("dx", "dbranch", "dalpha"), grads, grads_ref):
+        assert_close(g, g_ref, torch.float32, name, scale=scale if name == "dalpha" else None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck(kind, cpu_backend):
+    mapping = _mapping(kind, 24)
+    x, branch, _, alpha = _inputs((3, 5, 24), torch.float64)
+    leaves = [t.requires_grad_() for t in (x, branch, alpha)]
+
+    def f(x_, b_, a_):
+        return entskip.skip_add(x_, mapping, b_, a_)
+
+    assert torch.autograd.gradcheck(f, leaves)
+    # non-contiguous inputs: transposed leading dims (read in place), strided features (copied)
+    assert torch.autograd.gradcheck(lambda x_, b_, a_: f(x_.transpose(0, 1), b_.transpose(0, 1), a_), leaves)
+    xs = torch.randn(3, 48, dtype=torch.float64)[:, ::2].requires_grad_()
+    assert torch.autograd.gradcheck(lambda x_, a_: f(x_, None, a_), (xs, leaves[2]))
+
+
+@pytest.mark.parametrize("with_branch", [True, False], ids=["branch", "nobranch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(dtype, with_branch, cpu_backend):
+    p = mappings.permutation(32, seed=3)
+    x, branch, grad, alpha = _inputs((5, 32), dtype)
+    x.requires_grad_()
+    alpha.requires_grad_()
+    b = branch.requires_grad_() if with_branch else None
+    torch.library.opcheck(OPS.identity_skip_add.default, (x, alpha, b))
+    torch.library.opcheck(OPS.permutation_skip_add.default, (x, p.index, p.inverse, alpha, b))
+    for mask in ([True, True], [True, False], [False, True]):
+        torch.library.opcheck(OPS.identity_skip_add_backward.default, (grad, x.detach(), alpha.detach(), mask))
+        torch.library.opcheck(OPS.permutation_skip_add_backward.default,
+                              (grad, x.detach(), p.index, p.inverse, alpha.detach(), mask))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_fullgraph(kind, backend, cpu_backend):
+    if backend == "inductor" and kind == "permutation":
+        pytest.skip("one inductor compile is enough (slow on two cores); aot_eager covers the permutation")
+    skip = entskip.EntangledSkip(32, kind, alpha=0.8, learnable_alpha=True)
+    x, branch, grad, _ = _inputs((4, 6, 32), torch.float32)
+    compiled = torch.compile(skip, fullgraph=True, backend=backend)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y_eager = skip(xs[0], branch)
+    y = compiled(xs[1], branch)
+    assert_close(y, y_eager, torch.float32, "y")
+    y_eager.backward(grad)
+    ga = skip.alpha.grad.clone()
+    skip.alpha.grad = None
+    y.backward(grad)
+    assert_close(xs[1].grad, xs[0].grad, torch.float32, "dx")
+    assert_close(skip.alpha.grad, ga, torch.float32, "dalpha", scale=(grad * x).abs().sum().item())
+
+
+# ----------------------------------------------------------------------------------------
+# Edge cases.
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_contiguous_inputs(kind, poisoned, cpu_backend):
+    mapping = _mapping(kind, 40)
+    base, bbase, grad, alpha = _inputs((6, 5, 80), torch.float32)
+    cases = {
+        "rows strided (slice of features)": (base[..., :40], bbase[..., 40:]),
+        "leading dims transposed": (base[..., :40].transpose(0, 1), bbase[..., :40].transpose(0, 1)),
+        "features strided": (base[..., ::2], bbase[..., 1::2]),
+        "branch expanded": (base[..., :40], bbase[0, 0, :40].expand(6, 5, 40)),
+    }
+    for name, (x, branch) in cases.items():
+        y = entskip.skip_add(x, mapping, branch, alpha)
+        assert_close(y, _reference(kind, mapping, x.double(), branch.double(), alpha.double()), torch.float32, name)
+        g = grad[..., :40].transpose(0, 1) if x.dim() == 3 and x.shape[0] == 5 else grad[..., :40]
+        dx, dalpha = _cpu_backward(mapping, g, x, alpha, [True, True])
+        xr, ar = x.double().requires_grad_(), alpha.double().requires_grad_()
+        dx_ref, da_ref = torch.autograd.grad(_reference(kind, mapping, xr, None, ar), (xr, ar), g.double())
+        assert_close(dx, dx_ref, torch.float32, f"{name}: dx")
+        assert_close(dalpha, da_ref, torch.float32, f"{name}: dalpha", scale=(g.double() * xr).abs().sum().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_and_inf_propagate_as_in_the_reference(kind, dtype, cpu_backend):
+    mapping = _mapping(kind, 40)
+    x, branch, grad, alpha = _inputs((3, 40), dtype)
+    x[0, 3], x[1, 5], x[2, 7] = float("nan"), float("inf"), float("-inf")
+    branch[1, 9], branch[2, 11] = float("inf"), float("nan")
+    grad[0, 1] = float("inf")
+    y = entskip.skip_add(x, mapping, branch, alpha)
+    y_ref = _reference(kind, mapping, x.double(), branch.double(), alpha.double())
+    for special in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(special(y), special(y_ref)), special.__name__
+    assert torch.equal(y.isfinite(), y_ref.isfinite())
+    dx, dalpha = _cpu_backward(mapping, grad, x, alpha, [True, True])
+    xr, ar = x.double().requires_grad_(), alpha.double().requires_grad_()
+    dx_ref, da_ref = torch.autograd.grad(_reference(kind, mapping, xr, None, ar), (xr, ar), grad.double())
+    for special in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(special(dx), special(dx_ref)), special.__name__
+    assert torch.isnan(dalpha) and torch.isnan(da_ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_inputs(kind, cpu_backend):
+    for shape in ((0, 16), (3, 0), (2, 0, 5)):
+        d = shape[-1]
+        x, branch, grad, alpha = _inputs(shape, torch.float32)
+        if kind == "permutation":
+            index = torch.arange(d)
+            y = OPS.permutation_skip_add(x, index, index, alpha, branch)
+            dx, da = OPS.permutation_skip_add_backward(grad, x, index, index, alpha, [True, True])
+        else:
+            y = OPS.identity_skip_add(x, alpha, branch)
+            dx, da = OPS.identity_skip_add_backward(grad, x, alpha, [True, True])
+        assert y.shape == shape and dx.shape == shape and float(da) == 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_deterministic_across_thread_counts(kind, dtype, cpu_backend):
+    """dalpha is summed over fixed chunks in a fixed order: bitwise equal for 1 and 2 threads."""
+    mapping = _mapping(kind, 192)
+    x, _, grad, alpha = _inputs((16, 197, 192), dtype, seed=4)
+    previous = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results[threads] = _cpu_backward(mapping, grad, x, alpha, [True, True])
+    finally:
+        torch.set_num_threads(previous)
+    for threads in (2, 3):
+        for name, u, v in zip(("dx", "dalpha"), results[1], results[threads]):
+            assert torch.equal(u, v), f"{name} with {threads} threads differs from 1 thread"
+
+
+def test_permutation_op_rejects_a_broken_index(cpu_backend):
+    p = mappings.permutation(16, seed=5)
+    x, branch, grad, alpha = _inputs((2, 16), torch.float32)
+    bad = p.index.clone()
+    bad[0] = 16
+    with pytest.raises(RuntimeError, match=r"index\[0\] = 16 is out of range"):
+        OPS.permutation_skip_add(x, bad, p.inverse, alpha, branch)
+    with pytest.raises(RuntimeError, match="inverse is not the inverse permutation"):
+        OPS.permutation_skip_add_backward(grad, x, p.index, p.index.flip(0), alpha, [True, True])
+    with pytest.raises(RuntimeError, match="index must have 16 entries"):
+        OPS.permutation_skip_add(x, p.index[:8], p.inverse, alpha, branch)
+    with pytest.raises(RuntimeError, match="branch must have x's shape"):
+        OPS.identity_skip_add(x, alpha, branch[:, :8])
+
+
+def test_permutation_inverse_follows_a_loaded_index():
+    a, b = mappings.permutation(32, seed=1), mappings.permutation(32, seed=2)
+    assert "inverse" not in a.state_dict()
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a.inverse, b.inverse) and torch.equal(a.index[a.inverse], torch.arange(32))
+    x = torch.randn(3, 32)
+    assert torch.equal(a.skip_add_2d(x, None, torch.tensor(0.5)), b.skip_add_2d(x, None, torch.tensor(0.5)))
+
+
+def test_permutation_inverse_moves_with_the_mapping():
+    m = copy.deepcopy(mappings.permutation(8, seed=3)).to(torch.bfloat16)
+    assert m.inverse.dtype == torch.int64 and torch.equal(m.index[m.inverse], torch.arange(8))
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels (interpreter on the CPU, small shapes).
+
+triton_only = pytest.mark.skipif(
+    not gpu_dispatch.triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs triton and a GPU or TRITON_INTERPRET=1",
+)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _triton_forward(mapping, x, branch, alpha):
+    x, alpha = x.to(DEVICE), alpha.to(DEVICE)
+    branch = None if branch is None else branch.to(DEVICE)
+    if isinstance(mapping, mappings.IdentityMapping):
+        return identity_skip.gpu_forward(x, alpha, branch, backend="triton").cpu()
+    m = mapping.to(DEVICE)
+    return permutation_skip.gpu_forward(x, m.index, m.inverse, alpha, branch, backend="triton").cpu()
+
+
+def _triton_backward(mapping, grad, x, alpha, mask):
+    grad, x, alpha = grad.to(DEVICE), x.to(DEVICE), alpha.to(DEVICE)
+    if isinstance(mapping, mappings.IdentityMapping):
+        got = identity_skip.gpu_backward(grad, x, alpha, mask, backend="triton")
+    else:
+        m = mapping.to(DEVICE)
+        got = permutation_skip.gpu_backward(grad, x, m.index, m.inverse, alpha, mask, backend="triton")
+    return tuple(None if t is None else t.cpu() for t in got)
+
+
+@triton_only
+@pytest.mark.parametrize("with_branch", [True, False], ids=["branch", "nobranch"])
+@pytest.mark.parametrize("lead", [(1,), (3, 11), (0,)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_matches_reference(kind, dtype, lead, with_branch, poisoned):
+    _check(kind, dtype, lead, with_branch, _triton_forward, _triton_backward, d=300)
+
+
+@triton_only
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_non_contiguous_and_deterministic(kind, poisoned):
+    mapping = _mapping(kind, 40)
+    base, bbase, grad, alpha = _inputs((5, 3, 80), torch.float32)
+    x, branch = base[..., :40].transpose(0, 1), bbase[..., 1::2].transpose(0, 1)
+    y = _triton_forward(mapping, x, branch, alpha)
+    assert_close(y, _reference(kind, mapping, x.double(), branch.double(), alpha.double()), torch.float32, "y")
+    g = grad[..., :40].transpose(0, 1)
+    first, second = (_triton_backward(mapping, g, x, alpha, [True, True]) for _ in range(2))
+    assert all(torch.equal(u, v) for u, v in zip(first, second))
+    xr, ar = x.double().requires_grad_(), alpha.double().requires_grad_()
+    dx_ref, da_ref = torch.autograd.grad(_reference(kind, mapping, xr, None, ar), (xr, ar), g.double())
+    assert_close(first[0], dx_ref, torch.float32, "dx")
+    assert_close(first[1], da_ref, torch.float32, "dalpha", scale=(g.double() * xr).abs().sum().item())
+
+
+@triton_only
+def test_gpu_path_validates_the_permutation():
+    p = mappings.permutation(16, seed=6)
+    x, branch, _, alpha = _inputs((2, 16), torch.float32)
+    bad = p.index.clone()
+    bad[1] = bad[0].item()
+    with pytest.raises(ValueError, match="index must be a permutation"):
+        permutation_skip.gpu_forward(x, bad, p.inverse, alpha, branch, backend="triton")
+    with pytest.raises(ValueError, match="inverse is not the inverse permutation"):
+        permutation_skip.gpu_forward(x, p.index, p.index.flip(0), alpha, branch, backend="triton")
+    with pytest.raises(ValueError, match="branch must have x's shape"):
+        identity_skip.gpu_forward(x, alpha, branch[:, :4], backend="triton")
+    with pytest.raises(TypeError, match="branch has dtype"):
+        identity_skip.gpu_forward(x, alpha, branch.double(), backend="triton")
+
+
+@pytest.mark.parametrize("op", ["identity_skip_add", "identity_skip_add_backward", "permutation_skip_add",
+                                "permutation_skip_add_backward"])
+def test_public_ops_have_a_cuda_implementation(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"entskip::{op}", "CUDA")
