@@ -86,7 +86,7 @@ def _vit_run(device, autocast_dtype):
     """A converted ViT's logits and parameter gradients on a fixed seeded batch."""
     torch.manual_seed(0)
     model = models.ViT(image_size=8, patch_size=4, num_classes=5, dim=32, depth=2, num_heads=2)
-    entskip.entangle(model, "sparse", density=0.5, block=8, learnable=True, learnable_alpha=True, alpha_min=0.8)
+    entskip.entangle(model, "sparse", density=0.5, block=8, construction="random", learnable=True, learnable_alpha=True, alpha_min=0.8)
     model.to(device)
     gen = torch.Generator().manual_seed(1)
     x, target = torch.randn(6, 3, 8, 8, generator=gen).to(device), torch.randint(0, 5, (6,), generator=gen).to(device)

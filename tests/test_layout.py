@@ -253,7 +253,7 @@ def test_malformed_col_across_row_boundary_is_valid():
 
 
 def _mapping(seed=0, density=0.5, learnable=False):
-    return M.sparse(64, density=density, block=8, seed=seed, learnable=learnable)
+    return M.sparse(64, density=density, block=8, seed=seed, learnable=learnable, construction="random")
 
 
 def _sd(mapping):
@@ -297,7 +297,7 @@ def _swap_first_two_cols(sd):
     return sd
 
 
-# sparse(64, density=0.5, block=8): 8 block rows of 4 blocks each, crow = [0, 4, 8, ..., 32].
+# sparse(64, density=0.5, block=8, construction="random"): 8 block rows of 4 blocks each, crow = [0, 4, 8, ..., 32].
 SD_CORRUPTIONS = [
     ("crow_not_monotone", _set("crow_indices", 2, 20), "crow_indices"),
     ("crow_first_not_zero", _set("crow_indices", 0, 1), "crow_indices"),

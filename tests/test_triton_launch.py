@@ -263,7 +263,7 @@ def test_layouts_made_under_inference_mode(monkeypatch):
         y = bsr_skip.gpu_forward(x, values, *layout.tensors(), _alpha(), branch, backend="triton")
         bsr_skip.gpu_backward(branch, x, values, *layout.tensors(), _alpha(), [True, True, True], backend="triton")
     again = bsr_skip.gpu_forward(x, values, *layout.tensors(), _alpha(), branch, backend="triton")
-    assert calls == [1]
+    assert calls == []  # validated when it was built (under inference mode): the calls only look it up
     expected = _bsr_reference(layout, x, values, branch, _alpha())
     assert_close(y, expected, torch.float32, "y")
     assert_close(again, expected, torch.float32, "y outside inference mode")
