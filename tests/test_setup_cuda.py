@@ -121,3 +121,14 @@ def test_a_bad_cuda_home_fails_and_entskip_no_cuda_builds_cpu_only(tmp_path, bui
     ext = build(CUDA_HOME="/nonexistent", ENTSKIP_NO_CUDA="1")
     assert ("ENTSKIP_WITH_CUDA", "1") not in (ext.define_macros or [])
     assert not any(s.endswith(".cu") for s in ext.sources)
+
+
+def test_native_sources_have_distinct_object_names():
+    """setuptools compiles csrc/cuda/x.cu and csrc/cuda/x.cpp to the same x.o: ninja then
+    refuses the build ("multiple rules generate"), so no two sources in a folder may share a stem."""
+    import collections
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+    stems = collections.Counter((p.parent, p.stem) for p in root.rglob("*") if p.suffix in (".cpp", ".cu"))
+    assert not [k for k, n in stems.items() if n > 1], f"sources sharing an object name: {[k for k, n in stems.items() if n > 1]}"
