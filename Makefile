@@ -77,8 +77,8 @@ test-cuda-torch: $(VENV_CUDA)/.built
 	ENTSKIP_REQUIRE_CUDA_BUILD=1 ENTSKIP_REQUIRE_TIMM=1 $(PY_CUDA) -m pytest -q -n 2 \
 	  tests/test_cuda_build.py tests/test_timm_torchvision.py tests/test_triton_kernels.py
 
-# The sdist and a wheel of the checkout each build and install a working entskip into a fresh
-# venv holding only torch, ninja, setuptools and wheel (.ci/sdist_check.sh; two native builds).
+# The sdist builds a wheel that installs a working entskip into a fresh venv holding only torch,
+# ninja, setuptools and wheel (.ci/sdist_check.sh; one native build, from the sdist alone).
 sdist-check: $(VENV)/.deps
 	PYTHON=$(PY) FRESH_PYTHON=$(PYTHON) TORCH="$(TORCH)" bash .ci/sdist_check.sh
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Packaging check: the source distribution and a wheel each build and install a working
-# entskip into a fresh virtual environment that holds only torch, ninja, setuptools and wheel.
-#  1. `python -m build --sdist --no-isolation` (with the project's .venv) -> dist/entskip-*.tar.gz
-#  2. a fresh venv; `pip install --no-build-isolation` of the archive (builds entskip._C from it)
+# Packaging check: the source distribution builds a wheel that installs a working entskip into a
+# fresh virtual environment holding only torch, ninja, setuptools and wheel.
+#  1. `python -m build --sdist --no-isolation` (with the project's .venv) -> entskip-*.tar.gz,
+#     which must carry the native sources, the Triton kernels, README and LICENSE
+#  2. a fresh venv; `pip wheel --no-build-isolation` of the archive (entskip._C is compiled from
+#     the sdist alone: one native build), then `pip install` of that wheel
 #  3. import it outside the checkout, check the version and the native library, and compare one
 #     skip_add (sparse mapping, float64) and its gradients with the pure-PyTorch reference
-#  4. the same for a wheel built from the checkout (`pip wheel --no-build-isolation .`)
+# The sdist is made from the checkout run from a scratch folder, so a build/ folder in the checkout
+# (setuptools' output) can neither shadow the `build` package nor end up in the archive.
 # PYTHON (default .venv/bin/python) builds the sdist; FRESH_PYTHON (default python3) makes the fresh
 # venv, which gets TORCH (default torch==2.13.0).
 set -euo pipefail
@@ -18,8 +21,8 @@ TORCH=${TORCH:-torch==2.13.0}
 work=$(mktemp -d "${TMPDIR:-/tmp}/entskip-sdist.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-"$PY" -c "import build" 2>/dev/null || "$PY" -m pip install -q build
-"$PY" -m build --sdist --no-isolation --outdir "$work/dist" . > "$work/sdist.log" 2>&1 || { cat "$work/sdist.log"; exit 1; }
+"$PY" -m pip install -q build
+(cd "$work" && "$PY" -m build --sdist --no-isolation --outdir "$work/dist" "$root") > "$work/sdist.log" 2>&1 || { cat "$work/sdist.log"; exit 1; }
 sdist=$(ls "$work"/dist/entskip-*.tar.gz)
 tar tzf "$sdist" > "$work/sdist-files.txt"
 echo "sdist: $(basename "$sdist") ($(wc -l < "$work/sdist-files.txt") files)"
@@ -58,17 +61,9 @@ PYEOF
   )
 }
 
-"$V" -m pip install -q --no-build-isolation "$sdist" > "$work/install-sdist.log" 2>&1 || { cat "$work/install-sdist.log"; exit 1; }
-smoke sdist
-"$V" -m pip uninstall -q -y entskip
-
-# The wheel is built from a copy of the checkout (git's tracked and untracked, not ignored,
-# files) so no build/ or egg-info folder of the working tree is used or left behind.
-mkdir "$work/tree"
-git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$work/tree"
-"$V" -m pip wheel -q --no-build-isolation --no-deps -w "$work/wheels" "$work/tree" > "$work/wheel.log" 2>&1 || { cat "$work/wheel.log"; exit 1; }
+"$V" -m pip wheel -q --no-build-isolation --no-deps -w "$work/wheels" "$sdist" > "$work/wheel.log" 2>&1 || { cat "$work/wheel.log"; exit 1; }
 wheel=$(ls "$work"/wheels/entskip-*.whl)
-echo "wheel: $(basename "$wheel")"
+echo "wheel from the sdist: $(basename "$wheel")"
 "$V" -m pip install -q --no-build-isolation "$wheel"
-smoke wheel
+smoke "sdist -> wheel"
 echo "sdist check finished in $(( $(date +%s) - start )) s"
