@@ -26,6 +26,18 @@ ROWS, COLS, NUM_WARPS = 8, 256, 4  # a tile of 2048 elements: 16 per thread
 
 
 @triton.jit
+def _tile(idx_ptr, N, D, HAS_INDEX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The program's ``ROWS x COLS`` tile of the ``(N, D)`` problem: its row and column
+    offsets, its in-bounds mask and the source column of each column (``idx[col]``)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
+    col_ok = cols < D
+    mask = (rows < N)[:, None] & col_ok[None, :]
+    src = tl.load(idx_ptr + cols, mask=col_ok, other=0) if HAS_INDEX else cols
+    return rows, cols, mask, src
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr,
     idx_ptr,  # (D,) gather index; unused without HAS_INDEX
@@ -41,11 +53,7 @@ def _forward_kernel(
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
-    col_ok = cols < D
-    mask = (rows < N)[:, None] & col_ok[None, :]
-    src = tl.load(idx_ptr + cols, mask=col_ok, other=0) if HAS_INDEX else cols
+    rows, cols, mask, src = _tile(idx_ptr, N, D, HAS_INDEX, ROWS, COLS)
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     x = tl.load(x_ptr + rows[:, None] * stride_x + src[None, :], mask=mask).to(acc_dtype)
     y = tl.load(alpha_ptr).to(acc_dtype) * x
@@ -72,11 +80,7 @@ def _backward_kernel(
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
-    col_ok = cols < D
-    mask = (rows < N)[:, None] & col_ok[None, :]
-    src = tl.load(idx_ptr + cols, mask=col_ok, other=0) if HAS_INDEX else cols
+    rows, cols, mask, src = _tile(idx_ptr, N, D, HAS_INDEX, ROWS, COLS)
     acc_dtype = tl.float64 if g_ptr.dtype.element_ty == tl.float64 else tl.float32
     g = tl.load(g_ptr + rows[:, None] * stride_g + src[None, :], mask=mask, other=0.0).to(acc_dtype)
     if DX:

@@ -1,11 +1,15 @@
 // Shared plumbing of the elementwise skips (identity_skip_add.cpp, permutation_skip_add.cpp):
 // tensors of any shape (..., D) seen as (rows, D) matrices read in place, the fixed work
-// chunks, and the deterministic dalpha reduction.
+// chunks, the deterministic dalpha reduction and the backward's outputs.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
 
+#include <array>
 #include <cstring>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -46,6 +50,32 @@ inline at::Tensor sum_partials(const std::vector<double>& partials, const at::Te
   double s = 0.0;
   for (const double p : partials) s += p;
   return at::scalar_tensor(s, alpha.options().dtype(at::kDouble)).to(alpha.scalar_type()).reshape(alpha.sizes());
+}
+
+// The backward of an elementwise skip: dx (x's shape, contiguous) when output_mask[0] and
+// dalpha (alpha's dtype and shape) when output_mask[1], dalpha summed from `partial_count`
+// deterministic partials. run(dx_ptr, partials, dx_tag, dalpha_tag) fills them, with the tags
+// std::bool_constant of the mask (never both false); it is called only for non-empty x.
+template <typename F>
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& x, const at::Tensor& alpha,
+                                            std::array<bool, 2> output_mask, int64_t partial_count, F&& run) {
+  at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
+                                 : at::Tensor();
+  std::vector<double> partials(output_mask[1] ? partial_count : 0);
+  if (x.numel() > 0 && (output_mask[0] || output_mask[1])) {
+    AT_DISPATCH_V2(x.scalar_type(), "entskip_elementwise_skip_add_backward_cpu", AT_WRAP([&] {
+      scalar_t* dxp = output_mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+      if (output_mask[0] && output_mask[1]) {
+        run(dxp, partials, std::true_type{}, std::true_type{});
+      } else if (output_mask[0]) {
+        run(dxp, partials, std::true_type{}, std::false_type{});
+      } else {
+        run(dxp, partials, std::false_type{}, std::true_type{});
+      }
+    }), at::kFloat, at::kDouble, at::kBFloat16, at::kHalf);
+  }
+  at::Tensor dalpha = output_mask[1] ? sum_partials(partials, alpha) : at::Tensor();
+  return {dx, dalpha};
 }
 
 // simd::store, with bfloat16 narrowed by AVX2 packs where the target lacks AVX-512: there

@@ -136,25 +136,11 @@ std::tuple<at::Tensor, at::Tensor> identity_skip_add_backward(const at::Tensor& 
   check_like(grad, x, "grad");
   const double a = alpha_value(alpha);
   const int64_t total = x.numel();
-  at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
-                                 : at::Tensor();
-  std::vector<double> partials(output_mask[1] ? chunks(total) : 0);
-  if (total > 0 && (output_mask[0] || output_mask[1])) {
+  return elementwise::backward(x, alpha, output_mask, chunks(total), [&](auto* dxp, auto& partials, auto dx, auto da) {
     const Rows gr = as_rows(grad);
-    const Rows xr = output_mask[1] ? as_rows(x) : gr;  // x is read only for dalpha
-    AT_DISPATCH_V2(x.scalar_type(), "entskip_identity_skip_add_backward_cpu", AT_WRAP([&] {
-      scalar_t* dxp = output_mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-      if (output_mask[0] && output_mask[1]) {
-        backward_kernel<true, true>(gr, xr, dxp, a, total, partials);
-      } else if (output_mask[0]) {
-        backward_kernel<true, false>(gr, xr, dxp, a, total, partials);
-      } else {
-        backward_kernel<false, true>(gr, xr, dxp, a, total, partials);
-      }
-    }), at::kFloat, at::kDouble, at::kBFloat16, at::kHalf);
-  }
-  at::Tensor dalpha = output_mask[1] ? sum_partials(partials, alpha) : at::Tensor();
-  return {dx, dalpha};
+    const Rows xr = da ? as_rows(x) : gr;  // x is read only for dalpha
+    backward_kernel<decltype(dx)::value, decltype(da)::value>(gr, xr, dxp, a, total, partials);
+  });
 }
 
 }  // namespace

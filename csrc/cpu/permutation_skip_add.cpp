@@ -141,26 +141,13 @@ std::tuple<at::Tensor, at::Tensor> permutation_skip_add_backward(const at::Tenso
   check_like(grad, x, "grad");
   const std::vector<int32_t> inv = checked_permutation(index, inverse, x, inverse);
   const double a = alpha_value(alpha);
-  at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
-                                 : at::Tensor();
   const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d, per = chunk_rows(d);
-  std::vector<double> partials(output_mask[1] ? (rows + per - 1) / per : 0);
-  if (x.numel() > 0 && (output_mask[0] || output_mask[1])) {
+  return elementwise::backward(x, alpha, output_mask, (rows + per - 1) / per,
+                               [&](auto* dxp, auto& partials, auto dx, auto da) {
     const Rows gr = as_rows(grad);
-    const Rows xr = output_mask[1] ? as_rows(x) : gr;  // x is read only for dalpha
-    AT_DISPATCH_V2(x.scalar_type(), "entskip_permutation_skip_add_backward_cpu", AT_WRAP([&] {
-      scalar_t* dxp = output_mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-      if (output_mask[0] && output_mask[1]) {
-        backward_kernel<true, true>(gr, xr, inv.data(), dxp, a, partials);
-      } else if (output_mask[0]) {
-        backward_kernel<true, false>(gr, xr, inv.data(), dxp, a, partials);
-      } else {
-        backward_kernel<false, true>(gr, xr, inv.data(), dxp, a, partials);
-      }
-    }), at::kFloat, at::kDouble, at::kBFloat16, at::kHalf);
-  }
-  at::Tensor dalpha = output_mask[1] ? sum_partials(partials, alpha) : at::Tensor();
-  return {dx, dalpha};
+    const Rows xr = da ? as_rows(x) : gr;  // x is read only for dalpha
+    backward_kernel<decltype(dx)::value, decltype(da)::value>(gr, xr, inv.data(), dxp, a, partials);
+  });
 }
 
 }  // namespace

@@ -74,16 +74,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(ElementwiseArgs p, i
   }
 }
 
-template <typename T, bool... Flags>
-void launch_forward(const ElementwiseArgs& p, const Plan& plan, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(plan.col_blocks), static_cast<unsigned>(plan.row_blocks));
-  forward_kernel<T, Flags...><<<grid, kThreads, 0, stream>>>(p, plan.rows_per_block);
-}
+// Both kernels run on the same grid: plan.col_blocks x plan.row_blocks blocks of kThreads.
+using Kernel = void (*)(ElementwiseArgs, int64_t);
 
-template <typename T, bool... Flags>
-void launch_backward(const ElementwiseArgs& p, const Plan& plan, cudaStream_t stream) {
+void launch(Kernel kernel, const ElementwiseArgs& p, const Plan& plan, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(plan.col_blocks), static_cast<unsigned>(plan.row_blocks));
-  backward_kernel<T, Flags...><<<grid, kThreads, 0, stream>>>(p, plan.rows_per_block);
+  kernel<<<grid, kThreads, 0, stream>>>(p, plan.rows_per_block);
 }
 
 }  // namespace
@@ -100,10 +96,10 @@ const char* launch_elementwise_forward(const ElementwiseArgs& p, Scalar dtype, c
   dispatch_scalar(dtype, [&](auto* type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     const bool index = p.index != nullptr, branch = p.branch != nullptr;
-    if (index && branch) launch_forward<T, true, true>(p, pl, stream);
-    else if (index) launch_forward<T, true, false>(p, pl, stream);
-    else if (branch) launch_forward<T, false, true>(p, pl, stream);
-    else launch_forward<T, false, false>(p, pl, stream);
+    if (index && branch) launch(forward_kernel<T, true, true>, p, pl, stream);
+    else if (index) launch(forward_kernel<T, true, false>, p, pl, stream);
+    else if (branch) launch(forward_kernel<T, false, true>, p, pl, stream);
+    else launch(forward_kernel<T, false, false>, p, pl, stream);
   });
   return nullptr;
 }
@@ -115,16 +111,14 @@ const char* launch_elementwise_backward(const ElementwiseArgs& p, Scalar dtype, 
   if (pl.col_blocks > 0x7fffffff) return "entskip CUDA elementwise skip: too many features";
   dispatch_scalar(dtype, [&](auto* type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    const bool index = p.index != nullptr;
-    if (index) {
-      if (dx && da) launch_backward<T, true, true, true>(p, pl, stream);
-      else if (dx) launch_backward<T, true, true, false>(p, pl, stream);
-      else launch_backward<T, true, false, true>(p, pl, stream);
-    } else {
-      if (dx && da) launch_backward<T, false, true, true>(p, pl, stream);
-      else if (dx) launch_backward<T, false, true, false>(p, pl, stream);
-      else launch_backward<T, false, false, true>(p, pl, stream);
-    }
+    const auto pick = [&](auto has_index) {
+      constexpr bool I = decltype(has_index)::value;
+      if (dx && da) launch(backward_kernel<T, I, true, true>, p, pl, stream);
+      else if (dx) launch(backward_kernel<T, I, true, false>, p, pl, stream);
+      else launch(backward_kernel<T, I, false, true>, p, pl, stream);
+    };
+    if (p.index != nullptr) pick(std::true_type{});
+    else pick(std::false_type{});
   });
   return nullptr;
 }

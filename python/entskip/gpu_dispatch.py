@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import weakref
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-from . import backends
+from . import backends, versions
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 TRITON_BLOCKS = (16, 32, 64)  # power-of-two tiles of at least 16 (tl.dot) that fit without spills
@@ -164,14 +162,6 @@ def check_elementwise(x: Tensor, alpha: Tensor, branch: Tensor | None = None, gr
             raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
 
 
-def _version(t: Tensor) -> int | None:
-    """``t``'s version counter; ``None`` for an inference tensor, which has none."""
-    return None if t.is_inference() else t._version
-
-
-_validated_permutations = WeakIdKeyDictionary()  # index -> (weakref, version) of index and inverse
-
-
 def validate_permutation(index: Tensor, inverse: Tensor, x: Tensor) -> None:
     """Raise ``ValueError`` unless ``index`` is a permutation of ``0..D-1`` (``D`` = x's
     features) and ``inverse`` its inverse. Checked on the host the first time, then
@@ -182,12 +172,11 @@ def validate_permutation(index: Tensor, inverse: Tensor, x: Tensor) -> None:
             raise ValueError(f"{name} must be a contiguous 1-D int64 tensor on {x.device}")
         if t.numel() != d:
             raise ValueError(f"{name} must have {d} entries (x's features), got {t.numel()}")
-    entry = _validated_permutations.get(index)
-    if entry is not None and all(ref() is t and _version(t) == v for (ref, v), t in zip(entry, (index, inverse))):
+    if versions.is_current((index, inverse), "permutation"):
         return
     i, v = index.cpu(), inverse.cpu()
     if not torch.equal(torch.sort(i).values, torch.arange(d)):
         raise ValueError(f"index must be a permutation of 0..{d - 1}")
     if not torch.equal(v[i], torch.arange(d)):
         raise ValueError("inverse is not the inverse permutation of index")
-    _validated_permutations[index] = tuple((weakref.ref(t), _version(t)) for t in (index, inverse))
+    versions.remember((index, inverse), "permutation")
