@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 start=$(date +%s)
 PY=${PYTHON:-.venv/bin/python}
+case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # absolute (not resolved: a venv python is a symlink); it also runs from a scratch folder
 FRESH_PYTHON=${FRESH_PYTHON:-python3}
 TORCH=${TORCH:-torch==2.13.0}
 work=$(mktemp -d "${TMPDIR:-/tmp}/entskip-sdist.XXXXXX")

@@ -76,6 +76,9 @@ def _check_floating(t: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a strided (dense) tensor, got layout {t.layout}")
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")  # autocast is available for these without asking
+
+
 def _autocast(x: Tensor, branch: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Under ``torch.autocast`` for ``x``'s device, ``x`` and ``branch`` in the autocast dtype.
 
@@ -85,7 +88,9 @@ def _autocast(x: Tensor, branch: Tensor | None) -> tuple[Tensor, Tensor | None]:
     differentiable: gradients reach ``x`` and ``branch`` in their own dtypes.
     """
     device_type = x.device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    if device_type not in _AUTOCAST_DEVICES and not torch.amp.is_autocast_available(device_type):
+        return x, branch
+    if not torch.is_autocast_enabled(device_type):
         return x, branch
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -105,15 +110,19 @@ def _finite_float(value: float, dtype: torch.dtype) -> bool:
     return math.isfinite(value) and (dtype == torch.float64 or abs(value) < _FLOAT32_OVERFLOW)
 
 
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)  # not a fake or traced tensor: .item() is a real value
+
+
 def _check_finite_tensor(alpha: Tensor, dtype: torch.dtype) -> None:
     """``alpha`` finite in ``dtype``: eagerly on the CPU, by a device-side assertion on a GPU."""
-    if torch.compiler.is_compiling() or alpha.device.type == "meta":
+    if torch.compiler.is_compiling():
         return
-    alpha = alpha.detach()
-    if alpha.device.type != "cpu":
-        torch._assert_async(torch.isfinite(alpha.to(dtype)), f"alpha must be finite in {dtype} (got NaN or Inf)")
-    elif type(alpha) is Tensor and not _finite_float(alpha.item(), dtype):  # not a fake or traced tensor
-        raise ValueError(f"alpha must be finite in {dtype} (the op's compute dtype), got {alpha.item()!r} ({alpha.dtype})")
+    device_type = alpha.device.type
+    if device_type == "cpu":
+        if type(alpha) in _PLAIN_TENSORS and not _finite_float(alpha.item(), dtype):
+            raise ValueError(f"alpha must be finite in {dtype} (the op's compute dtype), got {alpha.item()!r} ({alpha.dtype})")
+    elif device_type != "meta":
+        torch._assert_async(torch.isfinite(alpha.detach().to(dtype)), f"alpha must be finite in {dtype} (got NaN or Inf)")
 
 
 def _alpha_tensor(alpha, x: Tensor) -> Tensor:
@@ -121,13 +130,15 @@ def _alpha_tensor(alpha, x: Tensor) -> Tensor:
     for float64 ``x``, else float32), checked finite in the compute dtype."""
     # float32 like a module's alpha, unless x is float64 (which must not see a rounded alpha)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if isinstance(alpha, Tensor):
-        if alpha.numel() != 1 or alpha.dim() > 1:
-            raise ValueError(f"alpha must be a float or a 0-d tensor, got shape {tuple(alpha.shape)}")
+    if isinstance(alpha, Tensor):  # the checks in the order that is cheapest for a valid alpha
+        if alpha.dim() != 0:
+            if alpha.dim() > 1 or alpha.numel() != 1:
+                raise ValueError(f"alpha must be a float or a 0-d tensor, got shape {tuple(alpha.shape)}")
+            alpha = alpha.view(())
         if not alpha.dtype.is_floating_point:
             raise TypeError(f"alpha must be floating point, got {alpha.dtype}")
-        devices.check_same(x, alpha=alpha)
-        alpha = alpha.reshape(())
+        if alpha.device != x.device:
+            devices.check_same(x, alpha=alpha)
         _check_finite_tensor(alpha, dtype)
         return alpha
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
