@@ -158,70 +158,79 @@ void ff_block_product(const scalar_t* a, int64_t d_a, const acc_t* B, const int6
 // Register tile of the sampled product: R rows of g x R rows of x, vectors along S.
 constexpr int kFfSampledTile = 4;
 
-// res[r][c] = sum_{s < len} g[r][s] * x[c][s] for r, c < kFfSampledTile (rows given by pointers),
-// summed in vectors along s and then across lanes in order.
+// acc[r * R + c] += sum_{i < images} sum_{s < len} g[r][i * g_image + s] * x[c][i * x_image + s]
+// (lane-wise: vectors along s) for r, c < R = kFfSampledTile, rows given by pointers into the
+// first image. The accumulators live in memory between calls and in registers within one.
 template <typename scalar_t, typename acc_t>
-ENTSKIP_MICRO_KERNEL void ff_sampled_micro(const scalar_t* const* g, const scalar_t* const* x, int64_t len,
-                                           acc_t (&res)[kFfSampledTile][kFfSampledTile]) {
+ENTSKIP_MICRO_KERNEL void ff_sampled_micro(const scalar_t* const* g, const scalar_t* const* x, int64_t g_image,
+                                           int64_t x_image, int64_t images, int64_t len, simd::Vec<acc_t>* acc) {
   using V = simd::Vec<acc_t>;
   constexpr int W = simd::Simd<acc_t>::W, R = kFfSampledTile;
-  V acc[R][R];
+  V a[R][R];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < R; ++c) acc[r][c] = V{};
-  for (int64_t s = 0; s < len; s += W) {
-    V gv[R], xv[R];
-    for (int r = 0; r < R; ++r) gv[r] = load_first<acc_t>(g[r] + s, len - s);
-    for (int c = 0; c < R; ++c) xv[c] = load_first<acc_t>(x[c] + s, len - s);
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < R; ++c) acc[r][c] += gv[r] * xv[c];
+    for (int c = 0; c < R; ++c) a[r][c] = acc[r * R + c];
+  for (int64_t i = 0; i < images; ++i) {
+    for (int64_t s = 0; s < len; s += W) {
+      V gv[R], xv[R];
+      for (int r = 0; r < R; ++r) gv[r] = load_first<acc_t>(g[r] + i * g_image + s, len - s);
+      for (int c = 0; c < R; ++c) xv[c] = load_first<acc_t>(x[c] + i * x_image + s, len - s);
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < R; ++c) a[r][c] += gv[r] * xv[c];
+    }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < R; ++c) {
-      acc_t sum = 0;
-      for (int l = 0; l < W; ++l) sum += acc[r][c][l];
-      res[r][c] = sum;
-    }
+    for (int c = 0; c < R; ++c) acc[r * R + c] = a[r][c];
 }
 
-// Images per chunk of the sampled reduction and positions per chunk of S: fixed, so the
+// Images per chunk of the sampled reduction and positions per pass over S: fixed, so the
 // partial sums (and their order) do not depend on the thread count.
 constexpr int64_t kFfSampledImages = 4, kFfSampledPositions = 512;
 
 // Sk[k][r][c] = sum_n sum_s g[n][row(k)*b + r][s] * x[n][col[k]*b + c][s] for every block k of
 // the layout (crow, col): g (N, nrows * b, S), x (N, ncols * b, S), contiguous; Sk (nnzb, b, b).
-// Work items are (chunk of kFfSampledImages images, block); each sums its chunk's images and
-// S chunks in order into its own partial, and the partials are added in chunk order.
+// Work items are (chunk of kFfSampledImages images, block). An item keeps one vector
+// accumulator per entry of its block (lanes: positions), walks S in passes of
+// kFfSampledPositions (its rows of g and x for the chunk stay in L2) and R x R tiles of the
+// block within each, and adds the lanes up once at the end; the items' partials are added
+// in chunk order.
 template <typename scalar_t, typename acc_t>
 void ff_sampled_gradient(const scalar_t* g, const scalar_t* x, const int64_t* crow, const int64_t* col,
                          int64_t nrows, int64_t ncols, int64_t nnzb, int64_t b, int64_t N, int64_t S, acc_t* Sk) {
-  constexpr int R = kFfSampledTile;
-  const int64_t bb = b * b, chunks = (N + kFfSampledImages - 1) / kFfSampledImages;
+  using V = simd::Vec<acc_t>;
+  constexpr int R = kFfSampledTile, W = simd::Simd<acc_t>::W;
+  const int64_t bb = b * b, chunks = (N + kFfSampledImages - 1) / kFfSampledImages, tiles = (b + R - 1) / R;
   std::vector<int64_t> row_of(nnzb);
   for (int64_t i = 0; i < nrows; ++i) std::fill(row_of.begin() + crow[i], row_of.begin() + crow[i + 1], i);
   std::vector<acc_t> partial(chunks * nnzb * bb, acc_t(0));
   at::parallel_for(0, chunks * nnzb, 1, [&](int64_t begin, int64_t end) {
     const scalar_t *gr[R], *xr[R];
-    acc_t res[R][R];
+    std::vector<V> acc(tiles * tiles * R * R);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t chunk = w / nnzb, k = w % nnzb;
-      acc_t* out = partial.data() + w * bb;
-      for (int64_t n = chunk * kFfSampledImages; n < std::min(N, (chunk + 1) * kFfSampledImages); ++n) {
-        const scalar_t* gk = g + (n * nrows + row_of[k]) * b * S;
-        const scalar_t* xk = x + (n * ncols + col[k]) * b * S;
-        for (int64_t s0 = 0; s0 < S; s0 += kFfSampledPositions) {
-          const int64_t len = std::min(kFfSampledPositions, S - s0);
-          for (int64_t r0 = 0; r0 < b; r0 += R) {
-            // Rows past b repeat the last row; their results are not stored.
-            for (int q = 0; q < R; ++q) gr[q] = gk + std::min<int64_t>(r0 + q, b - 1) * S + s0;
-            for (int64_t c0 = 0; c0 < b; c0 += R) {
-              for (int q = 0; q < R; ++q) xr[q] = xk + std::min<int64_t>(c0 + q, b - 1) * S + s0;
-              ff_sampled_micro<scalar_t, acc_t>(gr, xr, len, res);
-              for (int64_t r = 0; r < std::min<int64_t>(R, b - r0); ++r)
-                for (int64_t c = 0; c < std::min<int64_t>(R, b - c0); ++c) out[(r0 + r) * b + c0 + c] += res[r][c];
-            }
+      const int64_t chunk = w / nnzb, k = w % nnzb, n0 = chunk * kFfSampledImages;
+      const int64_t images = std::min(N, n0 + kFfSampledImages) - n0;
+      std::fill(acc.begin(), acc.end(), V{});
+      const scalar_t* gk = g + (n0 * nrows + row_of[k]) * b * S;
+      const scalar_t* xk = x + (n0 * ncols + col[k]) * b * S;
+      for (int64_t s0 = 0; s0 < S; s0 += kFfSampledPositions) {
+        const int64_t len = std::min(kFfSampledPositions, S - s0);
+        for (int64_t t = 0; t < tiles; ++t) {
+          // Rows past b repeat the last row; their results are dropped.
+          for (int q = 0; q < R; ++q) gr[q] = gk + std::min<int64_t>(t * R + q, b - 1) * S + s0;
+          for (int64_t u = 0; u < tiles; ++u) {
+            for (int q = 0; q < R; ++q) xr[q] = xk + std::min<int64_t>(u * R + q, b - 1) * S + s0;
+            ff_sampled_micro<scalar_t, acc_t>(gr, xr, nrows * b * S, ncols * b * S, images, len,
+                                              acc.data() + (t * tiles + u) * R * R);
           }
         }
       }
+      acc_t* out = partial.data() + w * bb;
+      for (int64_t r = 0; r < b; ++r)
+        for (int64_t c = 0; c < b; ++c) {
+          const V& v = acc[((r / R) * tiles + c / R) * R * R + (r % R) * R + c % R];
+          acc_t sum = 0;
+          for (int l = 0; l < W; ++l) sum += v[l];
+          out[r * b + c] = sum;
+        }
     }
   });
   at::parallel_for(0, nnzb * bb, 4096, [&](int64_t begin, int64_t end) {
