@@ -8,10 +8,14 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 namespace entskip {
 
-inline void check_float_matrix(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
+// t is 2-D (or, with three_d, 2-D or 3-D) and of a floating dtype the kernels support.
+inline void check_float_matrix(const at::Tensor& t, const char* name, bool three_d = false) {
+  TORCH_CHECK(t.dim() == 2 || (three_d && t.dim() == 3), name,
+              three_d ? " must be 2-D (rows, D) or 3-D (N, D, S), got shape " : " must be 2-D, got shape ", t.sizes());
   const auto st = t.scalar_type();
   TORCH_CHECK(
       st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
@@ -30,11 +34,23 @@ inline void check_alpha(const at::Tensor& alpha, const at::Tensor& x) {
   TORCH_CHECK(alpha.device() == x.device(), "alpha is on ", alpha.device(), " but x is on ", x.device());
 }
 
+// x's shape with d features: (rows, d) for a 2-D x, (N, d, S) for a 3-D (features-first) one.
+inline std::vector<int64_t> features_shape(const at::Tensor& x, int64_t d) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape[1] = d;
+  return shape;
+}
+
+// t (`name`) in x's format with d features (features_shape).
+inline void check_like_x(const at::Tensor& t, const at::Tensor& x, int64_t d, const char* name) {
+  check_same(t, x, name, "x");
+  const std::vector<int64_t> expected = features_shape(x, d);
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", at::IntArrayRef(expected),
+              " (x's format with ", d, " features), got ", t.sizes());
+}
+
 inline void check_branch(const c10::optional<at::Tensor>& branch, const at::Tensor& x, int64_t d_out) {
-  if (!branch.has_value()) return;
-  check_same(*branch, x, "branch", "x");
-  TORCH_CHECK(branch->dim() == 2 && branch->size(0) == x.size(0) && branch->size(1) == d_out,
-              "branch must have shape [", x.size(0), ", ", d_out, "], got ", branch->sizes());
+  if (branch.has_value()) check_like_x(*branch, x, d_out, "branch");
 }
 
 inline void check_index(const at::Tensor& t, const char* name, int64_t numel, const at::Tensor& x) {
@@ -45,16 +61,17 @@ inline void check_index(const at::Tensor& t, const char* name, int64_t numel, co
   TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
 }
 
-// Shapes of a BSR operand: values (nnzb, b, b); x has D_in = ncols * b columns;
+// Shapes of a BSR operand: values (nnzb, b, b); x has D_in = ncols * b features (dim 1);
 // crow (nrows + 1), col (nnzb); ccol (ncols + 1), row (nnzb), perm (nnzb).
 struct BsrShape {
   int64_t nnzb, block, nrows, ncols;
 };
 
+// x is (rows, D_in), or, with features_first (the CPU kernels), also (N, D_in, S).
 inline BsrShape check_bsr(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
                           const at::Tensor& col, const at::Tensor& ccol, const at::Tensor& row,
-                          const at::Tensor& perm) {
-  check_float_matrix(x, "x");
+                          const at::Tensor& perm, bool features_first = false) {
+  check_float_matrix(x, "x", features_first);
   TORCH_CHECK(values.dim() == 3 && values.size(1) == values.size(2) && values.size(1) > 0,
               "values must have shape (nnzb, b, b), got ", values.sizes());
   check_same(values, x, "values", "x");

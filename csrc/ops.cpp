@@ -1,11 +1,15 @@
 // Schemas of the entskip custom ops, defined once. Implementations register per
 // dispatch key in csrc/cpu/*.cpp (and csrc/cuda/*.cpp when built with CUDA).
 //
-// All ops take 2-D row-major activations: x (N, D_in), branch/grad (N, D_out).
-// The Python layer (python/entskip/ops.py) flattens leading dims, makes inputs
-// contiguous, validates layouts and registers autograd and fake kernels.
+// The BSR and dense ops take row-major activations in one of two formats: features last,
+// x (N, D_in) with branch/grad/y (N, D_out), or features first, x (N, D_in, S) with
+// branch/grad/y (N, D_out, S) (an NCHW map, S = H * W); dx has x's format. The CUDA C++
+// ops (_cuda_*) take features last only. The Python layer (python/entskip/ops.py)
+// flattens leading dims, makes inputs contiguous, validates layouts and registers
+// autograd and fake kernels.
 //
 //   y = alpha * (x @ M^T) + branch                      (branch optional)
+//   y[n] = alpha * (M @ x[n]) + branch[n]               (features first)
 //
 // Dense:  M = weight (D_out, D_in).
 // BSR:    M has b x b blocks values[k] at block row i, block column col[k] for
@@ -14,7 +18,7 @@
 //         at block row row[t]. The backward walks the transposed order for dx.
 //
 // Backward ops return (dx, dM, dalpha), each undefined (None) when its entry of
-// output_mask is false:
+// output_mask is false (features first: dx[n] = alpha * M^T @ grad[n], dM summed over n):
 //   dx = alpha * (grad @ M),  dM = alpha * (grad^T @ x) on M's blocks,
 //   dalpha = <grad^T @ x, M>  (float, shape of alpha).
 #include <Python.h>

@@ -80,3 +80,26 @@ def test_skips_grid_times_every_method_and_checks_the_targets():
         if (rec["method"], rec["pass"]) in skips.TARGETS:
             assert set(rec["target"]) == {"versus", "max_ratio", "ratio", "met"}
     assert "entskip permutation" in skips.table(records)
+
+
+def test_conv_grid_times_both_formats_and_checks_the_targets(tmp_path):
+    from entskip.bench import conv
+
+    cases = (((2, 64, 3, 5), "sparse", {"density": 0.25, "block": 16}), ((1, 16, 2, 2), "orthogonal", {}))
+    records = conv.run_grid(["float32"], repeats=2, cases=cases)
+    assert len(records) == len(cases) * 2 * len(conv.FORMATS) * len(conv.LABELS)
+    assert {(r["format"], r["method"], r["pass"]) for r in records} == {
+        (f, m, p) for f in conv.FORMATS for m in conv.LABELS for p in ("forward", "fwd+bwd")}
+    for rec in records:
+        assert len(rec["samples_ms"]) == 2 and _positive(rec["median_ms"])
+        if rec["method"] != "entskip":
+            assert "targets" not in rec
+            continue
+        versus = {t["versus"] for t in rec["targets"]}
+        assert versus == ({"conv1x1+r", "entskip channels_last"} if rec["format"] == "nchw" else {"conv1x1+r"})
+        for t in rec["targets"]:
+            assert t["met"] == (t["ratio"] <= t["max_ratio"])
+    assert "conv2d(x, M 1x1) + r" in conv.table(records)
+    pytest.importorskip("matplotlib")
+    conv.plot(records, tmp_path / "conv.png", "smoke")
+    assert (tmp_path / "conv.png").stat().st_size > 0

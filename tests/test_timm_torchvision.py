@@ -6,6 +6,7 @@ package is not installed.
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -164,3 +165,39 @@ def test_torchvision_sparse_conversion_mixes_channels(device):
         mixed = reference.skip_add(x.movedim(1, -1), block.skip.mapping.matrix(), branch.movedim(1, -1), block.skip.alpha)
         assert_close(block(x), torch.relu(mixed.movedim(-1, 1)), torch.float32, "block output")
         assert model(_images(device, 64)).shape == (2, 1000)
+
+
+def test_torchvision_resnet_entangled_in_both_memory_formats_trains_and_compiles():
+    """Issue 16: a converted ResNet-18 runs its skips on NCHW maps (features first, no
+    transposes) and on channels_last ones (features last); both give the same logits and
+    gradients, a training step updates the mappings and alphas, and torch.compile(fullgraph=True)
+    matches eager."""
+    base = _resnet("resnet18", "cpu")
+    entskip.entangle(base, "block_orthogonal", block=16, learnable=True, learnable_alpha=True)
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 32, 32, generator=gen)
+    labels = torch.randint(0, 1000, (2,), generator=gen)
+    results = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = copy.deepcopy(base).to(memory_format=fmt).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        skips = [m for m in model.modules() if isinstance(m, entskip.EntangledSkip) and isinstance(m.alpha, torch.nn.Parameter)]
+        assert len(skips) == 5  # the converted blocks (those without a projection shortcut)
+        before = [s.alpha.detach().clone() for s in skips]
+        loss = torch.nn.functional.cross_entropy(model(images.to(memory_format=fmt)), labels)
+        loss.backward()
+        grads = [s.alpha.grad.clone() for s in skips]
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+        opt.step()
+        assert all(not torch.equal(s.alpha.detach(), b) for s, b in zip(skips, before)), "the step moved every alpha"
+        model.eval()
+        with torch.no_grad():
+            eager = model(images.to(memory_format=fmt))
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True)(images.to(memory_format=fmt))
+        assert_close(compiled, eager, torch.float32, "compiled logits")
+        results[fmt] = (loss.detach(), torch.stack(grads), eager)
+    (loss_a, g_a, y_a), (loss_b, g_b, y_b) = results.values()
+    assert_close(loss_a, loss_b, torch.float32, "loss, NCHW vs channels_last")
+    assert_close(g_a, g_b, torch.float32, "alpha gradients, NCHW vs channels_last", scale=max(1.0, float(g_a.abs().max())))
+    assert_close(y_a, y_b, torch.float32, "logits after the step, NCHW vs channels_last")

@@ -7,6 +7,12 @@
 // where [:, i] is the i-th group of b features. Forward and dx are the same fused
 // loop (block_row_product.h) over a compressed layout. dS is reduced over N in a
 // fixed order per block, so results are deterministic for any thread count.
+//
+// x may also be features-first, (N, D_in, S) (an NCHW map with S = H * W), with branch,
+// grad, y and dx in the same format: per image y[n][i] = alpha * sum_k V_k @ x[n][col[k]] +
+// branch[n][i] ([i]: the i-th group of b rows), dx[n][j] = alpha * sum_t V_{perm[t]}^T @
+// g[n][row[t]], dS_k = sum_n g[n][row(k)] @ x[n][col[k]]^T, read in place by the kernels of
+// features_first.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,6 +27,7 @@
 #include "../checks.h"
 #include "block_row_product.h"
 #include "common.h"
+#include "features_first.h"
 #include "simd.h"
 
 namespace entskip::cpu {
@@ -260,10 +267,28 @@ void sampled_gradient(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t
   });
 }
 
+// out = alpha * (a's rows through the blocks B) (+ branch): block_row_product for a 2-D
+// (rows, D) a, ff_block_product for a 3-D (N, D, S) one; a, branch (if defined) and out are
+// contiguous, out in a's format with nrows * b features.
+template <typename scalar_t, typename acc_t>
+void block_product(const at::Tensor& a, const at::Tensor& B, const at::Tensor& ptr, const at::Tensor& idx,
+                   int64_t nrows, int64_t b, double alpha, const at::Tensor& branch, at::Tensor& out) {
+  const scalar_t* r = branch.defined() ? branch.const_data_ptr<scalar_t>() : nullptr;
+  if (a.dim() == 3) {
+    ff_block_product<scalar_t, acc_t>(a.const_data_ptr<scalar_t>(), a.size(1), B.const_data_ptr<acc_t>(),
+                                      ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(), nrows, b, a.size(0),
+                                      a.size(2), static_cast<acc_t>(alpha), r, out.mutable_data_ptr<scalar_t>());
+  } else {
+    block_row_product<scalar_t, acc_t>(a.const_data_ptr<scalar_t>(), a.size(1), B.const_data_ptr<acc_t>(),
+                                       ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(), nrows, b,
+                                       a.size(0), static_cast<acc_t>(alpha), r, out.mutable_data_ptr<scalar_t>());
+  }
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
                   const at::Tensor& ccol, const at::Tensor& row, const at::Tensor& perm, const at::Tensor& alpha,
                   BsrShape* s) {
-  *s = check_bsr(x, values, crow, col, ccol, row, perm);
+  *s = check_bsr(x, values, crow, col, ccol, row, perm, /*features_first=*/true);
   check_cpu(x, "x");
   check_cpu(values, "values");
   check_alpha(alpha, x);
@@ -279,16 +304,12 @@ at::Tensor bsr_skip_add(const at::Tensor& x, const at::Tensor& values, const at:
   const double a = alpha_value(alpha);
   const at::Tensor xc = x.contiguous();
   const at::Tensor rc = branch.has_value() ? branch->contiguous() : at::Tensor();
-  at::Tensor out = empty_output({x.size(0), s.nrows * s.block}, x.options());
+  at::Tensor out = empty_output(features_shape(x, s.nrows * s.block), x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "entskip_bsr_skip_add_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // B[k][c][j] = V_k[j][c]: the forward multiplies by V_k^T.
     const at::Tensor B = values.transpose(1, 2).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    block_row_product<scalar_t, acc_t>(xc.const_data_ptr<scalar_t>(), xc.size(1), B.const_data_ptr<acc_t>(),
-                                       crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), s.nrows,
-                                       s.block, x.size(0), static_cast<acc_t>(a),
-                                       rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
-                                       out.mutable_data_ptr<scalar_t>());
+    block_product<scalar_t, acc_t>(xc, B, crow, col, s.nrows, s.block, a, rc, out);
   });
   return out;
 }
@@ -299,9 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsr_skip_add_backward(
     const at::Tensor& alpha, std::array<bool, 3> output_mask) {
   BsrShape s;
   check_inputs(x, values, crow, col, ccol, row, perm, alpha, &s);
-  check_same(grad, x, "grad", "x");
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == s.nrows * s.block,
-              "grad must have shape [", x.size(0), ", ", s.nrows * s.block, "], got ", grad.sizes());
+  check_like_x(grad, x, s.nrows * s.block, "grad");
   check_compressed(crow, col, s.ncols, "crow_indices", "col_indices");
   const double a = alpha_value(alpha);
   const at::Tensor gc = grad.contiguous(), xc = x.contiguous();
@@ -315,16 +334,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsr_skip_add_backward(
       // Transposed order: block t of column j is V_{perm[t]}, used untransposed.
       const at::Tensor B = values.index_select(0, perm).to(acc_type).contiguous();
       dx = empty_output(xc.sizes(), xc.options());
-      block_row_product<scalar_t, acc_t>(gc.const_data_ptr<scalar_t>(), gc.size(1), B.const_data_ptr<acc_t>(),
-                                         ccol.const_data_ptr<int64_t>(), row.const_data_ptr<int64_t>(), s.ncols,
-                                         s.block, x.size(0), static_cast<acc_t>(a), nullptr,
-                                         dx.mutable_data_ptr<scalar_t>());
+      block_product<scalar_t, acc_t>(gc, B, ccol, row, s.ncols, s.block, a, at::Tensor(), dx);
     }
     if (output_mask[1] || output_mask[2]) {
       at::Tensor S = at::empty({s.nnzb, s.block, s.block}, x.options().dtype(acc_type));
-      sampled_gradient<scalar_t, acc_t>(gc.const_data_ptr<scalar_t>(), gc.size(1), xc.const_data_ptr<scalar_t>(),
-                                        xc.size(1), crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(),
-                                        s.nrows, s.nnzb, s.block, x.size(0), S.mutable_data_ptr<acc_t>());
+      if (x.dim() == 3) {
+        ff_sampled_gradient<scalar_t, acc_t>(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                                             crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), s.nrows,
+                                             s.ncols, s.nnzb, s.block, x.size(0), x.size(2),
+                                             S.mutable_data_ptr<acc_t>());
+      } else {
+        sampled_gradient<scalar_t, acc_t>(gc.const_data_ptr<scalar_t>(), gc.size(1), xc.const_data_ptr<scalar_t>(),
+                                          xc.size(1), crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(),
+                                          s.nrows, s.nnzb, s.block, x.size(0), S.mutable_data_ptr<acc_t>());
+      }
       if (output_mask[1]) dvalues = S.mul(a).to(values.scalar_type());
       if (output_mask[2]) dalpha = alpha_grad(S, values, alpha);
     }

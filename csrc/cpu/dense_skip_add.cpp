@@ -8,6 +8,12 @@
 //    16-bit GEMM is slower than its float32 one (no AMX or AVX512-BF16), and one that
 //    does not reach this CPU's float32 peak (MKL on AMD, e.g.).
 // float64 always runs the GEMM. dW is a GEMM over N in every case.
+//
+// x may also be features-first, (N, D_in, S) (an NCHW map, S = H * W), with branch, grad, y
+// and dx in the same format: y[n] = alpha * W @ x[n] + branch[n], dx[n] = alpha * W^T @ g[n],
+// dW = alpha * sum_n g[n] @ x[n]^T (accumulated in float32, float64 for float64). These run
+// one ATen GEMM per image on views of the inputs, called one after the other from this
+// thread (ATen threads each); the block-row kernel is not used for them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -33,10 +39,32 @@ namespace {
 // a * (m1 @ m2) with one rounding: the GEMM applies alpha (in float) before it rounds to a
 // reduced-precision output. BLAS skips the product when alpha == 0, which would mask a
 // NaN/Inf of the operands, so that case forms it explicitly (0 * NaN = NaN, as the reference).
-at::Tensor scaled_mm(const at::Tensor& m1, const at::Tensor& m2, double a) {
-  if (a == 0.0) return at::mm(m1, m2).mul_(a);
-  at::Tensor out = empty_prefaulted({m1.size(0), m2.size(1)}, m1.options());
-  return at::addmm_out(out, out, m1, m2, /*beta=*/0, /*alpha=*/a);  // beta = 0: out's contents are not read
+// Written into out (a contiguous matrix or a view of one), with branch (if defined) added:
+// out = a * (m1 @ m2) + branch.
+void scaled_mm_into(at::Tensor out, const at::Tensor& m1, const at::Tensor& m2, double a, const at::Tensor& branch) {
+  if (a == 0.0) {
+    at::mm_out(out, m1, m2).mul_(a);
+    if (branch.defined()) out.add_(branch);
+  } else if (branch.defined()) {
+    at::addmm_out(out, branch, m1, m2, /*beta=*/1, /*alpha=*/a);
+  } else {
+    at::addmm_out(out, out, m1, m2, /*beta=*/0, /*alpha=*/a);  // beta = 0: out's contents are not read
+  }
+}
+
+// y = a * (W @ x) + branch on x's format: x (rows, D_in) computes x @ W^T (mat = W^T, on the
+// right); x (N, D_in, S) computes W @ x[n] per image (mat = W, on the left). out is a new
+// tensor of features_shape(x, d_out), its pages mapped.
+at::Tensor scaled_product(const at::Tensor& x, const at::Tensor& mat, double a, const at::Tensor& branch,
+                          int64_t d_out) {
+  at::Tensor out = empty_prefaulted(features_shape(x, d_out), x.options());
+  if (x.dim() == 2) {
+    scaled_mm_into(out, x, mat.t(), a, branch);
+  } else {
+    for (int64_t n = 0; n < x.size(0); ++n)
+      scaled_mm_into(out[n], mat, x[n], a, branch.defined() ? branch[n] : at::Tensor());
+  }
+  return out;
 }
 
 // The block size for which W (d_out x d_in) is whole blocks, 0 if none.
@@ -134,7 +162,7 @@ int64_t block_kernel_block(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 void check_dense(const at::Tensor& x, const at::Tensor& weight) {
-  check_float_matrix(x, "x");
+  check_float_matrix(x, "x", /*three_d=*/true);
   check_cpu(x, "x");
   check_cpu(weight, "weight");
   check_same(weight, x, "weight", "x");
@@ -148,13 +176,10 @@ at::Tensor dense_skip_add(const at::Tensor& x, const at::Tensor& weight, const a
   check_alpha(alpha, x);
   check_branch(branch, x, weight.size(0));
   const double a = alpha_value(alpha);
-  if (const int64_t b = block_kernel_block(x, weight)) return block_kernel_mm(x, weight, a, branch, false, b);
-  if (branch.has_value() && a != 0.0) {
-    at::Tensor out = empty_prefaulted({x.size(0), weight.size(0)}, x.options());
-    return at::addmm_out(out, *branch, x, weight.t(), /*beta=*/1, /*alpha=*/a);
+  if (x.dim() == 2) {
+    if (const int64_t b = block_kernel_block(x, weight)) return block_kernel_mm(x, weight, a, branch, false, b);
   }
-  at::Tensor y = scaled_mm(x, weight.t(), a);
-  return branch.has_value() ? y.add_(*branch) : y;
+  return scaled_product(x, weight, a, branch.has_value() ? *branch : at::Tensor(), weight.size(0));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at::Tensor& grad, const at::Tensor& x,
@@ -163,23 +188,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at:
                                                                        std::array<bool, 3> output_mask) {
   check_dense(x, weight);
   check_alpha(alpha, x);
-  check_same(grad, x, "grad", "x");
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0),
-              "grad must have shape [", x.size(0), ", ", weight.size(0), "], got ", grad.sizes());
+  check_like_x(grad, x, weight.size(0), "grad");
   const double a = alpha_value(alpha);
   at::Tensor dx, dweight, dalpha;
   if (output_mask[0]) {
-    const int64_t b = block_kernel_block(x, weight);
-    dx = b != 0 ? block_kernel_mm(grad, weight, a, c10::nullopt, true, b) : scaled_mm(grad, weight, a);
+    const int64_t b = x.dim() == 2 ? block_kernel_block(x, weight) : 0;
+    // dx = a * g @ W (2-D), a * W^T @ g[n] (3-D): scaled_product with grad as the input and W^T as the mapping.
+    dx = b != 0 ? block_kernel_mm(grad, weight, a, c10::nullopt, true, b)
+                : scaled_product(grad, weight.t(), a, at::Tensor(), weight.size(1));
   }
   if (output_mask[1] || output_mask[2]) {
     // s = grad^T @ x, an N-long reduction accumulated in float32 (float64 for float64).
     // bfloat16 inputs, where ATen's bfloat16 GEMM beat the block kernel, use that GEMM
     // (float32 accumulation inside, s rounded to bfloat16 like torch's own bfloat16
     // autograd); other 16-bit inputs upcast to the float32 GEMM (a float16 s could overflow).
+    // Features-first: s = sum_n grad[n] @ x[n]^T, accumulated GEMM by GEMM in float32 (float64).
     const auto t = x.scalar_type(), acc = t == at::kDouble ? at::kDouble : at::kFloat;
-    const at::Tensor s =
-        t == at::kBFloat16 && !use_block_kernel(t) ? at::mm(grad.t(), x) : at::mm(grad.t().to(acc), x.to(acc));
+    at::Tensor s;
+    if (x.dim() == 3) {
+      s = at::zeros({weight.size(0), weight.size(1)}, x.options().dtype(acc));
+      for (int64_t n = 0; n < x.size(0); ++n) s.addmm_(grad[n].to(acc), x[n].to(acc).t());
+    } else {
+      s = t == at::kBFloat16 && !use_block_kernel(t) ? at::mm(grad.t(), x) : at::mm(grad.t().to(acc), x.to(acc));
+    }
     if (output_mask[1]) dweight = s.mul(a).to(weight.scalar_type());
     if (output_mask[2]) dalpha = alpha_grad(s, weight, alpha);
   }

@@ -4,15 +4,24 @@
 and autograd formula, and :func:`bsr_skip_add`, which picks the backend. ``M`` is
 ``(R*b, C*b)`` with ``b x b`` blocks ``values (nnzb, b, b)`` placed by a validated
 :class:`entskip.mappings.BlockLayout` (passed as its index tensors, so the op
-sees only tensors). Shapes: ``x (N, C*b)``, ``branch (N, R*b)`` or ``None``,
-``alpha`` 0-d floating tensor; returns ``(N, R*b)``.
+sees only tensors). ``alpha`` is a 0-d floating tensor; the activations come in one
+of two formats (``branch``, the result, ``grad`` and ``dx`` in ``x``'s):
 
-Backward (``g = dL/dy``): ``dx = alpha * g @ M`` through the transposed layout,
-``dvalues = alpha * (g^T @ x)`` sampled on M's blocks only,
-``dalpha = <g^T @ x, M>`` from the same sampled product, ``dbranch = g``.
+- features last: ``x (N, C*b)``, ``branch (N, R*b)`` or ``None``; returns ``(N, R*b)``;
+- features first: ``x (N, C*b, S)`` (an ``NCHW`` map with ``S = H * W``), ``branch
+  (N, R*b, S)`` or ``None``; returns ``(N, R*b, S)``: per image and block row ``i``,
+  ``y[n][i] = alpha * sum_k V_k @ x[n][col_k] + branch[n][i]`` (``[i]``: rows ``i*b`` to
+  ``i*b + b - 1``).
+
+Backward (``g = dL/dy``): ``dx = alpha * g @ M`` (features first: ``dx[n] = alpha * M^T @
+g[n]``) through the transposed layout, ``dvalues = alpha * (g^T @ x)`` (``alpha * sum_n
+g[n] @ x[n]^T``) sampled on M's blocks only, ``dalpha = <dvalues / alpha, values>`` from the
+same sampled product, ``dbranch = g``.
 
 On CUDA tensors the ops run :func:`gpu_forward` / :func:`gpu_backward`: the Triton or
-the CUDA C++ kernels (:mod:`entskip.gpu_dispatch`).
+the CUDA C++ kernels (:mod:`entskip.gpu_dispatch`). The Triton kernels take both formats
+as they are; the CUDA C++ kernels take features last only, so features-first tensors are
+copied to ``(N * S, D)`` and the results copied back.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import backends, devices, gpu_dispatch, reference
+from .dense_skip import features_first, features_last, output_shape
 
 
 def bsr_skip_add(
@@ -34,9 +44,9 @@ def bsr_skip_add(
     branch: Tensor | None,
     alpha: Tensor,
 ) -> Tensor:
-    """Run the BSR skip-add on the active backend (inputs and layout already validated)."""
+    """Run the BSR skip-add on the active backend (inputs and layout already validated; either format)."""
     if backends.resolve(x.device) == "reference":
-        return reference.bsr_skip_add(x, values, crow_indices, col_indices, branch, alpha)
+        return reference.bsr_skip_add(x, values, crow_indices, col_indices, branch, alpha, features_first=x.dim() == 3)
     return torch.ops.entskip.bsr_skip_add(
         x.contiguous(),
         values.contiguous(),
@@ -54,9 +64,13 @@ def gpu_forward(x, values, crow_indices, col_indices, ccol_indices, row_indices,
     """The CUDA implementation of ``bsr_skip_add`` on ``backend`` (``"triton"`` or ``"cuda"``).
 
     Checks the arguments and the layout first. Under ``TRITON_INTERPRET=1`` the Triton
-    kernels also run on CPU tensors (how CPU CI tests them).
+    kernels also run on CPU tensors (how CPU CI tests them). The CUDA C++ kernels get
+    features-first tensors as features-last copies, and the result is copied back.
     """
     layout = (crow_indices, col_indices, ccol_indices, row_indices, perm)
+    if backend == "cuda" and x.dim() == 3:
+        b2 = None if branch is None else features_last(branch)
+        return features_first(gpu_forward(features_last(x), values, *layout, alpha, b2, backend), x.shape[0])
     blocks = gpu_dispatch.TRITON_BLOCKS if backend == "triton" else None
     gpu_dispatch.check_bsr(x, values, *layout, alpha, branch=branch, block_sizes=blocks)
     gpu_dispatch.validate_layout(*layout, values.shape[-1])
@@ -69,6 +83,10 @@ def gpu_backward(grad, x, values, crow_indices, col_indices, ccol_indices, row_i
                  backend):
     """The CUDA implementation of ``bsr_skip_add_backward`` (see :func:`gpu_forward`)."""
     layout = (crow_indices, col_indices, ccol_indices, row_indices, perm)
+    if backend == "cuda" and x.dim() == 3:
+        dx, dvalues, dalpha = gpu_backward(features_last(grad), features_last(x), values, *layout, alpha, output_mask,
+                                           backend)
+        return None if dx is None else features_first(dx, x.shape[0]), dvalues, dalpha
     blocks = gpu_dispatch.TRITON_BLOCKS if backend == "triton" else None
     gpu_dispatch.check_bsr(x, values, *layout, alpha, grad=grad, block_sizes=blocks)
     gpu_dispatch.validate_layout(*layout, values.shape[-1])
@@ -96,7 +114,7 @@ if backends.native_available():
     def _(x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, branch):
         devices.check_same(x, values=values, crow_indices=crow_indices, col_indices=col_indices,
                            ccol_indices=ccol_indices, row_indices=row_indices, perm=perm, alpha=alpha, branch=branch)
-        return x.new_empty(x.shape[0], (crow_indices.shape[0] - 1) * values.shape[-1])
+        return x.new_empty(output_shape(x, (crow_indices.shape[0] - 1) * values.shape[-1]))
 
     @torch.library.register_fake("entskip::bsr_skip_add_backward")
     def _(grad, x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, output_mask):

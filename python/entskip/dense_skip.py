@@ -1,15 +1,24 @@
-"""Dense skip-add op family: ``y = alpha * (x @ W^T) + branch`` on 2-D activations.
+"""Dense skip-add op family: ``y = alpha * (x @ W^T) + branch``.
 
 ``torch.ops.entskip.dense_skip_add`` (schema in ``csrc/ops.cpp``) with its fake kernel
 and autograd formula, and :func:`dense_skip_add`, which picks the backend. Shapes:
-``x (N, D_in)``, ``weight (D_out, D_in)``, ``branch (N, D_out)`` or ``None``,
-``alpha`` 0-d floating tensor; returns ``(N, D_out)``.
+``weight (D_out, D_in)``, ``alpha`` 0-d floating tensor, and activations in one of two
+formats (``branch``, the result, ``grad`` and ``dx`` in ``x``'s):
 
-Backward (``g = dL/dy``): ``dx = alpha * g @ W``, ``dW = alpha * g^T @ x``,
-``dalpha = <g^T @ x, W>``, ``dbranch = g``.
+- features last: ``x (N, D_in)``, ``branch (N, D_out)`` or ``None``; returns ``(N, D_out)``;
+- features first: ``x (N, D_in, S)`` (an ``NCHW`` map with ``S = H * W``), ``branch
+  (N, D_out, S)`` or ``None``; returns ``(N, D_out, S)`` with ``y[n] = alpha * W @ x[n] +
+  branch[n]``.
+
+Backward (``g = dL/dy``): ``dx = alpha * g @ W`` (features first: ``dx[n] = alpha * W^T @
+g[n]``), ``dW = alpha * g^T @ x`` (``alpha * sum_n g[n] @ x[n]^T``), ``dalpha = <dW / alpha,
+W>``, ``dbranch = g``.
 
 On CUDA tensors the ops run :func:`gpu_forward` / :func:`gpu_backward`: the Triton or
-the CUDA C++ kernels (:mod:`entskip.gpu_dispatch`).
+the CUDA C++ kernels (:mod:`entskip.gpu_dispatch`). The Triton kernels take both formats
+as they are; the CUDA C++ kernels take features last only, so features-first tensors are
+copied to ``(N * S, D)`` and the results copied back (:func:`features_last`,
+:func:`features_first`).
 """
 
 from __future__ import annotations
@@ -20,10 +29,25 @@ from torch import Tensor
 from . import backends, devices, gpu_dispatch, reference
 
 
+def output_shape(x: Tensor, features: int) -> list[int]:
+    """``x``'s shape with ``features`` features (dim 1, in both formats)."""
+    return [x.shape[0], features, *x.shape[2:]]
+
+
+def features_last(t: Tensor) -> Tensor:
+    """A features-first ``(N, D, S)`` tensor as the features-last ``(N * S, D)`` (a copy)."""
+    return t.mT.reshape(-1, t.shape[1])
+
+
+def features_first(t: Tensor, n: int) -> Tensor:
+    """The inverse of :func:`features_last`: ``(N * S, D)`` to a contiguous ``(N, D, S)`` (a copy)."""
+    return t.reshape(n, -1, t.shape[1]).mT.contiguous()
+
+
 def dense_skip_add(x: Tensor, weight: Tensor, branch: Tensor | None, alpha: Tensor) -> Tensor:
-    """Run the dense skip-add on the active backend (inputs already validated)."""
+    """Run the dense skip-add on the active backend (inputs already validated; either format)."""
     if backends.resolve(x.device) == "reference":
-        return reference.skip_add(x, weight, branch, alpha)
+        return reference.skip_add(x, weight, branch, alpha, features_first=x.dim() == 3)
     return torch.ops.entskip.dense_skip_add(
         x.contiguous(), weight.contiguous(), alpha, None if branch is None else branch.contiguous()
     )
@@ -33,8 +57,12 @@ def gpu_forward(x, weight, alpha, branch, backend):
     """The CUDA implementation of ``dense_skip_add`` on ``backend`` (``"triton"`` or ``"cuda"``).
 
     Checks the arguments first. Under ``TRITON_INTERPRET=1`` the Triton kernels also run
-    on CPU tensors (how CPU CI tests them).
+    on CPU tensors (how CPU CI tests them). The CUDA C++ kernels get features-first
+    tensors as features-last copies, and the result is copied back.
     """
+    if backend == "cuda" and x.dim() == 3:
+        b2 = None if branch is None else features_last(branch)
+        return features_first(gpu_forward(features_last(x), weight, alpha, b2, backend), x.shape[0])
     gpu_dispatch.check_dense(x, weight, alpha, branch=branch)
     if backend == "cuda":
         return torch.ops.entskip._cuda_dense_skip_add(x, weight, alpha, branch)
@@ -43,6 +71,9 @@ def gpu_forward(x, weight, alpha, branch, backend):
 
 def gpu_backward(grad, x, weight, alpha, output_mask, backend):
     """The CUDA implementation of ``dense_skip_add_backward`` (see :func:`gpu_forward`)."""
+    if backend == "cuda" and x.dim() == 3:
+        dx, dw, dalpha = gpu_backward(features_last(grad), features_last(x), weight, alpha, output_mask, backend)
+        return None if dx is None else features_first(dx, x.shape[0]), dw, dalpha
     gpu_dispatch.check_dense(x, weight, alpha, grad=grad)
     if backend == "cuda":
         return torch.ops.entskip._cuda_dense_skip_add_backward(grad, x, weight, alpha, output_mask)
@@ -64,7 +95,7 @@ if backends.native_available():
     @torch.library.register_fake("entskip::dense_skip_add")
     def _(x, weight, alpha, branch):
         devices.check_same(x, weight=weight, alpha=alpha, branch=branch)
-        return x.new_empty(x.shape[0], weight.shape[0])
+        return x.new_empty(output_shape(x, weight.shape[0]))
 
     @torch.library.register_fake("entskip::dense_skip_add_backward")
     def _(grad, x, weight, alpha, output_mask):

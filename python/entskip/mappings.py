@@ -104,10 +104,13 @@ class Mapping(nn.Module):
     """A skip mapping ``M`` of shape ``(out_features, in_features)``.
 
     Subclasses implement :meth:`matrix` (the dense ``M``, for the reference and the
-    analysis) and :meth:`skip_add_2d` (the fused op on ``(N, D_in)`` activations).
+    analysis) and :meth:`skip_add_2d` (the fused op on ``(N, D_in)`` activations, and on
+    features-first ``(N, D_in, S)`` ones where :attr:`features_first` is true).
     """
 
     kind = "mapping"
+    #: whether :meth:`skip_add_2d` also takes features-first ``(N, D_in, S)`` activations
+    features_first = False
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -118,7 +121,9 @@ class Mapping(nn.Module):
         raise NotImplementedError
 
     def skip_add_2d(self, x: Tensor, branch: Tensor | None, alpha: Tensor) -> Tensor:
-        """``alpha * (x @ M^T) + branch`` for validated ``x (N, in_features)``."""
+        """``alpha * (x @ M^T) + branch`` for validated ``x (N, in_features)``; where
+        :attr:`features_first`, also ``alpha * (M @ x[n]) + branch[n]`` for ``x (N, in_features, S)``
+        (``branch`` and the result then ``(N, out_features, S)``)."""
         raise NotImplementedError
 
     @property
@@ -163,6 +168,7 @@ class IdentityMapping(Mapping):
     """``M = I``: the ordinary residual (``alpha = 1``) or Zhang et al.'s decayed shortcut."""
 
     kind = "identity"
+    features_first = True  # elementwise: any format
 
     def __init__(self, dim: int):
         dim = _check_dim(dim)
@@ -183,6 +189,7 @@ class DenseMapping(Mapping):
     """A dense ``weight (out_features, in_features)``; runs the dense skip-add (a GEMM)."""
 
     kind = "dense"
+    features_first = True
 
     def __init__(self, weight: Tensor, learnable: bool = False):
         if not isinstance(weight, Tensor) or weight.dim() != 2:
@@ -270,6 +277,7 @@ class BlockSparseMapping(Mapping):
     """
 
     kind = "block_sparse"
+    features_first = True
 
     def __init__(self, layout: BlockLayout, blocks: Tensor, learnable: bool = False):
         if not isinstance(layout, BlockLayout):

@@ -33,12 +33,17 @@ from .layout import BlockLayout
 from .mappings import Mapping
 
 
-def _bound(mapping, x: Tensor) -> tuple[int | None, int | None, Callable[[Tensor, Tensor | None, Tensor], Tensor]]:
-    """``(in_features, out_features, run)`` of a mapping argument for ``x``; ``run(x2d, branch2d, alpha)``."""
+Run = Callable[[Tensor, Tensor | None, Tensor], Tensor]
+
+
+def _bound(mapping, x: Tensor) -> tuple[int | None, int | None, Run, bool]:
+    """``(in_features, out_features, run, features_first)`` of a mapping argument for ``x``:
+    ``run(x, branch, alpha)`` takes ``(rows, D)`` activations, and also features-first
+    ``(N, D, S)`` ones where ``features_first``."""
     if isinstance(mapping, Mapping):
-        return mapping.in_features, mapping.out_features, mapping.skip_add_2d
+        return mapping.in_features, mapping.out_features, mapping.skip_add_2d, mapping.features_first
     if mapping is None:
-        return None, None, identity_skip_add
+        return None, None, identity_skip_add, True  # elementwise: any format
     if not isinstance(mapping, Tensor):
         raise TypeError(f"mapping must be an entskip Mapping, a tensor or None, got {type(mapping).__name__}")
     devices.check_same(x, mapping=mapping)
@@ -60,11 +65,12 @@ def _bound(mapping, x: Tensor) -> tuple[int | None, int | None, Callable[[Tensor
         def run(x, branch, alpha):
             return bsr_skip_add(x, values.to(x.dtype), *layout.tensors(), branch, alpha)
 
-        return layout.shape[1], layout.shape[0], run
+        return layout.shape[1], layout.shape[0], run, True
     _check_floating(mapping, "mapping")
     if mapping.dim() != 2:
         raise ValueError(f"mapping must be a 2-D (D_out, D_in) matrix, got shape {tuple(mapping.shape)}")
-    return mapping.shape[1], mapping.shape[0], lambda x, branch, alpha: dense_skip_add(x, mapping.to(x.dtype), branch, alpha)
+    return (mapping.shape[1], mapping.shape[0],
+            lambda x, branch, alpha: dense_skip_add(x, mapping.to(x.dtype), branch, alpha), True)
 
 
 def _check_floating(t: Tensor, name: str) -> None:
@@ -177,7 +183,10 @@ def skip_add(
         alpha: the skip weight, a float or a 0-d (or one-element) floating tensor on
             ``x``'s device (learnable if it requires grad), finite in the compute dtype.
         feature_dim: the dimension of ``x`` and ``branch`` that holds the features
-            (``1`` for ``(N, C, H, W)``; free for ``channels_last`` tensors).
+            (``1`` for ``(N, C, H, W)``). Free (no copy of ``x``) for ``channels_last``
+            tensors, which run features last, and for contiguous ones (``NCHW``), which
+            run the ops' features-first format on the ``(N, C, H * W)`` view (except for
+            permutation mappings, which copy to features last).
 
     Returns:
         ``x``'s shape with ``D_out`` features, ``x``'s dtype (the autocast dtype
@@ -194,7 +203,7 @@ def skip_add(
     fd = feature_dim % x.dim() if -x.dim() <= feature_dim < x.dim() else None
     if fd is None:
         raise ValueError(f"feature_dim {feature_dim} is out of range for x with {x.dim()} dims")
-    d_in, d_out, run = _bound(mapping, x)
+    d_in, d_out, run, takes_features_first = _bound(mapping, x)
     if d_in is None:  # identity
         d_in = d_out = x.shape[fd]
     if d_in != x.shape[fd]:
@@ -212,6 +221,12 @@ def skip_add(
 
     last = fd == x.dim() - 1
     xm = x if last else x.movedim(fd, -1)
+    if not last and takes_features_first and x.is_contiguous() and not xm.is_contiguous():
+        # Features first in memory (a contiguous NCHW map): the op reads the (N, C, H * W)
+        # view in place; a branch in another format is copied into this one.
+        n, s = math.prod(x.shape[:fd]), math.prod(x.shape[fd + 1:])
+        b3 = None if branch is None else branch.reshape(n, d_out, s)
+        return run(x.view(n, d_in, s), b3, alpha).reshape(out_shape)
     lead = xm.shape[:-1]
     x2 = xm.reshape(-1, d_in)
     b2 = None

@@ -5,6 +5,11 @@ All functions take activations with the features last, ``x`` of shape ``(..., D_
 and compute
 
     y = alpha * (x @ M^T) + branch          (branch optional, shape (..., D_out))
+
+:func:`skip_add` and :func:`bsr_skip_add` also take the ops' features-first format with
+``features_first=True``: ``x (N, D_in, S)``, ``branch`` and the result ``(N, D_out, S)``,
+
+    y[n] = alpha * (M @ x[n]) + branch[n]
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import torch
 from torch import Tensor
 
 
-def skip_add(x: Tensor, matrix: Tensor, branch: Tensor | None = None, alpha: Tensor | float = 1.0) -> Tensor:
-    """``alpha * (x @ matrix^T) + branch`` for a dense ``matrix`` of shape ``(D_out, D_in)``."""
-    y = alpha * (x @ matrix.mT)
+def skip_add(x: Tensor, matrix: Tensor, branch: Tensor | None = None, alpha: Tensor | float = 1.0, *,
+             features_first: bool = False) -> Tensor:
+    """``alpha * (x @ matrix^T) + branch`` for a dense ``matrix`` of shape ``(D_out, D_in)``;
+    with ``features_first``, ``alpha * (matrix @ x[n]) + branch[n]`` for ``x (N, D_in, S)``."""
+    y = alpha * (matrix @ x if features_first else x @ matrix.mT)
     return y if branch is None else y + branch
 
 
@@ -45,14 +52,21 @@ def bsr_skip_add(
     col_indices: Tensor,
     branch: Tensor | None = None,
     alpha: Tensor | float = 1.0,
+    *,
+    features_first: bool = False,
 ) -> Tensor:
-    """``alpha * (x @ M^T) + branch`` for the BSR mapping ``M`` (see :func:`bsr_to_dense`).
+    """``alpha * (x @ M^T) + branch`` for the BSR mapping ``M`` (see :func:`bsr_to_dense`);
+    with ``features_first``, ``x (N, D_in, S)`` and the result ``(N, D_out, S)`` (computed on
+    ``x.mT``, the same sums).
 
     Sparse semantics: only stored blocks take part, so a NaN or Inf in ``x`` reaches
     only the outputs of block rows that store a block in its column (a structural zero
     contributes nothing, as in ``torch.sparse``), unlike a dense ``x @ M^T``. Reduced
     precisions (bfloat16, float16) accumulate in float32, like the kernels.
     """
+    if features_first:
+        rb = None if branch is None else branch.mT
+        return bsr_skip_add(x.mT, values, crow_indices, col_indices, rb, alpha).mT
     b = values.shape[-1]
     nrows = crow_indices.numel() - 1
     acc = torch.promote_types(x.dtype, torch.float32)  # reduced precisions accumulate in float32

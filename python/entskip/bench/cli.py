@@ -68,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
              "beside torch.add(r, x, alpha=a) and x + r (--dtypes, --repeats, --no-backward apply)",
     )
     p.add_argument(
+        "--conv", action="store_true",
+        help="instead of the grid: entskip on (N, C, H, W) ResNet maps in channels_last and NCHW beside "
+             "conv2d(x, M 1x1) + r and x + r (--dtypes, --repeats, --no-backward apply; --quick: N = 4, 3 repeats)",
+    )
+    p.add_argument(
         "--timm-step", action="store_true",
         help="also (or, without --skips, only) a timm vit_tiny_patch16_224 training step, plain vs entangled",
     )
@@ -103,6 +108,8 @@ def _backend_in_use(device: torch.device) -> str:
 def main(argv=None) -> Path:
     """Run the benchmark; returns the path of the JSON it wrote."""
     args = parse_args(argv)
+    if args.conv:
+        return _main_conv(args)
     if args.skips or args.timm_step:
         return _main_skips(args)
     start = time.perf_counter()
@@ -181,4 +188,40 @@ def _main_skips(args) -> Path:
     path = args.out / f"{stem}.json"
     write_json(path, payload)
     print(f"wrote {path}")
+    return path
+
+
+def _main_conv(args) -> Path:
+    """``--conv``: the convolutional grid (:mod:`.conv`), its JSON and PNG."""
+    from . import conv
+
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type != "cpu":
+        raise SystemExit("--conv times the CPU kernels: use --device cpu")
+    env = environment(device)
+    stem = f"entskip-bench-conv-{device.type}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    repeats = args.repeats if args.repeats != SIZES[args.device]["repeats"] else 15
+    batch = 4 if args.quick else None
+    with entskip.use_backend(args.backend[0]):
+        records = conv.run_grid(args.dtypes, repeats, batch=batch, backward=not args.no_backward)
+    print(conv.table(records), flush=True)
+    path = args.out / f"{stem}.json"
+    write_json(path, {
+        **env, "commit": conv.commit(REPO), "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "backend": {"requested": args.backend, "resolved": [_backend_in_use(device)]}, "repeats": repeats,
+        "batch_override": batch, "targets": {"nchw_vs_channels_last": conv.NCHW_LIMIT,
+                                             "sparse_vs_conv1x1": conv.SPARSE_LIMIT, "dense_vs_conv1x1": conv.DENSE_LIMIT},
+        "wall_s": time.perf_counter() - start, "results": records,
+    })
+    written = [path]
+    if not args.no_plot:
+        title = (f"entskip.bench --conv: y = {conv.ALPHA} * M x + r on (N, C, H, W); {env['machine']['cpu']}, "
+                 f"{env['machine']['torch_threads']} threads, load {env['machine']['load_average']}")
+        try:
+            conv.plot(records, path.with_suffix(".png"), title)
+            written.append(path.with_suffix(".png"))
+        except ImportError as err:
+            print(f"no PNG: {err} (pip install matplotlib)")
+    print("\n".join(f"wrote {p}" for p in written))
     return path
