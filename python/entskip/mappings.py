@@ -111,6 +111,9 @@ class Mapping(nn.Module):
     kind = "mapping"
     #: whether :meth:`skip_add_2d` also takes features-first ``(N, D_in, S)`` activations
     features_first = False
+    #: whether :meth:`skip_add_2d` takes ``(..., D_in)`` activations of any rank as they are
+    #: (the elementwise skips), so that they need no reshape to ``(N, D_in)``
+    any_rank = False
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -169,6 +172,7 @@ class IdentityMapping(Mapping):
 
     kind = "identity"
     features_first = True  # elementwise: any format
+    any_rank = True
 
     def __init__(self, dim: int):
         dim = _check_dim(dim)
@@ -218,6 +222,7 @@ class PermutationMapping(Mapping):
     """``M[i, index[i]] = 1``: orthogonal and 1-sparse, run as a gather ``x[..., index]``."""
 
     kind = "permutation"
+    any_rank = True
 
     def __init__(self, index: Tensor):
         _check_permutation(index)

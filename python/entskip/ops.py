@@ -20,7 +20,7 @@ Under ``torch.compile`` a tensor ``alpha`` is not checked.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,14 +36,25 @@ from .mappings import Mapping
 Run = Callable[[Tensor, Tensor | None, Tensor], Tensor]
 
 
-def _bound(mapping, x: Tensor) -> tuple[int | None, int | None, Run, bool]:
-    """``(in_features, out_features, run, features_first)`` of a mapping argument for ``x``:
-    ``run(x, branch, alpha)`` takes ``(rows, D)`` activations, and also features-first
-    ``(N, D, S)`` ones where ``features_first``."""
+class _Bound(NamedTuple):
+    """A mapping argument bound to ``x``: its features (``None``: ``x``'s, the identity) and
+    ``run(x, branch, alpha)``, which takes ``(rows, D)`` activations; features-first
+    ``(N, D, S)`` ones too where ``features_first``, ``(..., D)`` of any rank where ``any_rank``."""
+
+    in_features: int | None
+    out_features: int | None
+    run: Run
+    features_first: bool
+    any_rank: bool
+
+
+def _bound(mapping, x: Tensor) -> _Bound:
+    """The :class:`_Bound` of a mapping argument (a Mapping, a dense or BSR tensor, ``None``) for ``x``."""
     if isinstance(mapping, Mapping):
-        return mapping.in_features, mapping.out_features, mapping.skip_add_2d, mapping.features_first
+        return _Bound(mapping.in_features, mapping.out_features, mapping.skip_add_2d, mapping.features_first,
+                      mapping.any_rank)
     if mapping is None:
-        return None, None, identity_skip_add, True  # elementwise: any format
+        return _Bound(None, None, identity_skip_add, True, True)  # elementwise: any format
     if not isinstance(mapping, Tensor):
         raise TypeError(f"mapping must be an entskip Mapping, a tensor or None, got {type(mapping).__name__}")
     devices.check_same(x, mapping=mapping)
@@ -65,12 +76,12 @@ def _bound(mapping, x: Tensor) -> tuple[int | None, int | None, Run, bool]:
         def run(x, branch, alpha):
             return bsr_skip_add(x, values.to(x.dtype), *layout.tensors(), branch, alpha)
 
-        return layout.shape[1], layout.shape[0], run, True
+        return _Bound(layout.shape[1], layout.shape[0], run, True, False)
     _check_floating(mapping, "mapping")
     if mapping.dim() != 2:
         raise ValueError(f"mapping must be a 2-D (D_out, D_in) matrix, got shape {tuple(mapping.shape)}")
-    return (mapping.shape[1], mapping.shape[0],
-            lambda x, branch, alpha: dense_skip_add(x, mapping.to(x.dtype), branch, alpha), True)
+    return _Bound(mapping.shape[1], mapping.shape[0],
+                  lambda x, branch, alpha: dense_skip_add(x, mapping.to(x.dtype), branch, alpha), True, False)
 
 
 def _check_floating(t: Tensor, name: str) -> None:
@@ -203,7 +214,7 @@ def skip_add(
     fd = feature_dim % x.dim() if -x.dim() <= feature_dim < x.dim() else None
     if fd is None:
         raise ValueError(f"feature_dim {feature_dim} is out of range for x with {x.dim()} dims")
-    d_in, d_out, run, takes_features_first = _bound(mapping, x)
+    d_in, d_out, run, takes_features_first, any_rank = _bound(mapping, x)
     if d_in is None:  # identity
         d_in = d_out = x.shape[fd]
     if d_in != x.shape[fd]:
@@ -220,6 +231,8 @@ def skip_add(
     alpha = _alpha_tensor(alpha, x)
 
     last = fd == x.dim() - 1
+    if last and any_rank:  # an elementwise skip takes x as it is (no reshapes: they cost more than a small op)
+        return run(x, branch, alpha)
     xm = x if last else x.movedim(fd, -1)
     if not last and takes_features_first and x.is_contiguous() and not xm.is_contiguous():
         # Features first in memory (a contiguous NCHW map): the op reads the (N, C, H * W)
