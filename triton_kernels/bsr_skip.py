@@ -74,10 +74,13 @@ def _words(args) -> int:
 def block_row_fits(config: triton.Config, args) -> bool:
     """Accumulator ``BM x b`` within 32 registers a thread (the indirectly addressed,
     pipelined loads need the rest); staged tiles in 160 KiB; 32-row tiles only for
-    float32 FMA dots. The AOT check shows these bounds free of spills."""
+    float32 FMA dots, 256-row tiles only for 16-bit operands. The AOT check shows these
+    bounds free of spills."""
     if args["a_ptr"].dtype == torch.float64:
         return _shape(config, "BM") == FLOAT64_BLOCK_ROW[args["B"]]
     if config.kwargs["BM"] < 64 and _words(args) == 1:  # tensor cores: wgmma multiplies 64-row tiles
+        return False
+    if config.kwargs["BM"] > 128 and args["a_ptr"].dtype.itemsize > 2:  # spills for TF32 b = 32 on sm_80 (triton 3.6)
         return False
     acc_regs = config.kwargs["BM"] * args["B"] * _words(args) // (32 * config.num_warps)
     staged = config.num_stages * (config.kwargs["BM"] + args["B"]) * args["B"] * args["a_ptr"].dtype.itemsize
