@@ -62,7 +62,11 @@ def matmul_fits(config: triton.Config, args) -> bool:
     (``L_KEY > 0``) choose from their own sets."""
     features_first = args.get("L_KEY", 0) > 0  # the autotuner always passes L_KEY; absent: features-last
     if uses_fma(args):
-        return config in (FF_FMA_CONFIGS if features_first else FMA_CONFIGS)
+        if not features_first:
+            return config in FMA_CONFIGS
+        # the float64 features-first dW build of the 32 x 64 tile spills on sm_90 (triton 3.6)
+        wide_f64_dw = args["HAS_DOT"] and args["a_ptr"].dtype == torch.float64 and config.kwargs["BN"] > 32
+        return config in FF_FMA_CONFIGS and not wide_f64_dw
     kw = config.kwargs
     acc_regs = kw["BM"] * kw["BN"] // (32 * config.num_warps)
     staged = config.num_stages * (kw["BM"] + kw["BN"]) * kw["BK"] * args["a_ptr"].dtype.itemsize
