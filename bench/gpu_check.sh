@@ -150,7 +150,7 @@ if [ "$stage" = A ]; then
   step cuda-tests 90 env ENTSKIP_REQUIRE_CUDA_BUILD=1 "${pytest[@]}" "${xdist[@]}" tests/test_cuda_build.py \
     tests/test_cuda_backend.py -k "not 2_31"
   step triton-tests 120 env ENTSKIP_AUTOTUNE=once "${pytest[@]}" "${xdist[@]}" tests/test_triton_kernels.py \
-    -k "not 16384 and not 64bit"
+    tests/test_triton_features_first.py -k "not 16384 and not 64bit"
 else
   build_step prepare 200 bash "$0" _prepare
   step large 90 env ENTSKIP_AUTOTUNE=once "${pytest[@]}" tests/test_triton_kernels.py tests/test_cuda_backend.py \

@@ -77,22 +77,45 @@ def _variants():
         types.update({name: "*i64" for name in ("ptr_ptr", "idx_ptr", "perm_ptr", "block_row_ptr", "col_ptr")})
         types.update({"alpha_ptr": "*fp32", "part_ptr": f"*{acc}"})
         common = {"UPCAST": False, "PRECISION": precision}
-        bsr_aligned = ("D_IN", "D_OUT")
-        yield ("block_row/forward", bsr_skip._block_row_kernel, bsr_skip.block_row_fits, dtype, types,
-               {**common, "TRANS_V": True, "HAS_PERM": False, "HAS_BRANCH": True}, bsr_aligned, BLOCKS)
-        yield ("block_row/dx", bsr_skip._block_row_kernel, bsr_skip.block_row_fits, dtype, types,
-               {**common, "TRANS_V": False, "HAS_PERM": True, "HAS_BRANCH": False}, bsr_aligned, BLOCKS)
-        yield ("sampled/dvalues", bsr_skip._sampled_kernel, bsr_skip.sampled_fits, dtype, types, common,
-               bsr_aligned, BLOCKS)
-        # y = x @ W^T: A = x (N, D_in), B = W^T;  dx = g @ W;  S = g^T @ x (dW)
-        for name, ones, aligned, flags in [
-            ("matmul/forward", ("stride_ak", "stride_bk"), ("N", "K", "stride_am", "stride_bn"), {"HAS_BRANCH": True}),
-            ("matmul/dx", ("stride_ak", "stride_bn"), ("N", "K", "stride_am", "stride_bk"), {"HAS_BRANCH": False}),
-            ("matmul/dW", ("stride_am", "stride_bn"), ("M", "N", "stride_ak", "stride_bk"),
-             {"HAS_BRANCH": False, "HAS_DOT": True}),
+        # Activation layouts: features-last (features contiguous, one image: IMAGES = 1 and
+        # image strides 0) and features-first (positions contiguous, S of any alignment).
+        for layout, block_row, sampled in [
+            ("", ({"stride_af": 1, "stride_of": 1}, ("stride_an", "stride_as", "stride_on", "stride_os")),
+             ({"stride_af": 1, "stride_xf": 1, "IMAGES": 1}, ("stride_an", "stride_as", "stride_xn", "stride_xs"))),
+            ("_ff", ({"stride_as": 1, "stride_os": 1}, ("stride_an", "stride_on")),
+             ({"stride_as": 1, "stride_xs": 1}, ("stride_an", "stride_xn"))),
         ]:
-            flags = {**common, "HAS_DOT": False, **flags, **{one: 1 for one in ones}}
-            yield (name, dense_skip._matmul_kernel, dense_skip.matmul_fits, dtype, types, flags, aligned, (None,))
+            ones, aligned = block_row
+            aligned = ("D_IN", "D_OUT") + aligned
+            # S_KEY (read by the fits rules, unused by the code): 0 features-last, > 0 features-first
+            ones = {**ones, "S_KEY": 16 if layout else 0}
+            yield (f"block_row/forward{layout}", bsr_skip._block_row_kernel, bsr_skip.block_row_fits, dtype, types,
+                   {**common, **ones, "TRANS_V": True, "HAS_PERM": False, "HAS_BRANCH": True}, aligned, BLOCKS)
+            yield (f"block_row/dx{layout}", bsr_skip._block_row_kernel, bsr_skip.block_row_fits, dtype, types,
+                   {**common, **ones, "TRANS_V": False, "HAS_PERM": True, "HAS_BRANCH": False}, aligned, BLOCKS)
+            ones, aligned = sampled
+            ones = {**ones, "S_KEY": 16 if layout else 0}
+            yield (f"sampled/dvalues{layout}", bsr_skip._sampled_kernel, bsr_skip.sampled_fits, dtype, types,
+                   {**common, **ones}, ("D_IN", "D_OUT") + aligned, BLOCKS)
+        # Features-last (L = 1, a constexpr at run time):  y = x @ W^T: A = x (N, D_in), B = W^T;
+        # dx = g @ W;  S = g^T @ x (dW). Features-first (batch of L = N images, S positions of
+        # any alignment): y[n] = W @ x[n];  dx[n] = W^T @ g[n];  S = sum_n g[n] @ x[n]^T.
+        # The batch strides are multiples of 16 (D * S with D a multiple of 16, or 0).
+        batch = ("stride_al", "stride_bl")
+        for name, ones, aligned, flags in [
+            ("matmul/forward", ("stride_ak", "stride_bk", "L"), ("N", "K", "stride_am", "stride_bn"), {"HAS_BRANCH": True}),
+            ("matmul/dx", ("stride_ak", "stride_bn", "L"), ("N", "K", "stride_am", "stride_bk"), {"HAS_BRANCH": False}),
+            ("matmul/dW", ("stride_am", "stride_bn", "L"), ("M", "N", "stride_ak", "stride_bk"),
+             {"HAS_BRANCH": False, "HAS_DOT": True, "REDUCE_L": True}),
+            ("matmul/forward_ff", ("stride_ak", "stride_bn"), ("M", "K", "stride_am"), {"HAS_BRANCH": True}),
+            ("matmul/dx_ff", ("stride_am", "stride_bn"), ("M", "K", "stride_ak"), {"HAS_BRANCH": False}),
+            ("matmul/dW_ff", ("stride_ak", "stride_bk"), ("M", "N"),
+             {"HAS_BRANCH": False, "HAS_DOT": True, "REDUCE_L": True}),
+        ]:
+            # L_KEY (read by matmul_fits, unused by the code): 0 features-last, > 0 features-first
+            flags = {**common, "HAS_DOT": False, "REDUCE_L": False, "L_KEY": 2 if name.endswith("_ff") else 0, **flags,
+                     **{one: 1 for one in ones}}
+            yield (name, dense_skip._matmul_kernel, dense_skip.matmul_fits, dtype, types, flags, aligned + batch, (None,))
         if precision == "ieee":  # the elementwise skips: no dot, one fixed tile
             yield from _elementwise_variants(dtype, types, common)
 

@@ -14,6 +14,10 @@ identity and version of its index tensors (identity alone for inference tensors,
 have no version counter): later calls, CUDA graph capture included, do not synchronise.
 Argument checks (:func:`check_bsr`, :func:`check_dense`) raise a ``ValueError``/``TypeError``
 naming the argument before any kernel is launched.
+
+The BSR and dense ops take activations in one of two layouts, and every activation of a
+call (``x``, ``branch``, ``grad``) in ``x``'s: features-last ``(rows, D)`` or features-first
+``(N, D, S)`` (``NCHW`` viewed as ``(N, C, H*W)``), each contiguous in that shape.
 """
 
 from __future__ import annotations
@@ -65,9 +69,7 @@ def kernel_backend(device: torch.device) -> str:
     raise RuntimeError("no GPU kernels available: install triton or build entskip with CUDA")
 
 
-def _check_matrix(t: Tensor, name: str, device: torch.device, dtype: torch.dtype | None = None) -> None:
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+def _check_tensor(t: Tensor, name: str, device: torch.device, dtype: torch.dtype | None = None) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
     if dtype is not None and t.dtype != dtype:
@@ -75,7 +77,22 @@ def _check_matrix(t: Tensor, name: str, device: torch.device, dtype: torch.dtype
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
     if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+        raise ValueError(f"{name} must be contiguous (its {t.dim()}-D shape {tuple(t.shape)} in row-major order), "
+                         f"got strides {t.stride()}")
+
+
+def _check_matrix(t: Tensor, name: str, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    _check_tensor(t, name, device, dtype)
+
+
+def _check_activations(x: Tensor) -> None:
+    """``x`` is features-last ``(rows, D_in)`` or features-first ``(N, D_in, S)``, contiguous."""
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be 2-D (rows, D_in) features-last or 3-D (N, D_in, S) features-first, "
+                         f"got shape {tuple(x.shape)}")
+    _check_tensor(x, "x", x.device)
 
 
 def _check_alpha(alpha: Tensor, device: torch.device) -> None:
@@ -86,16 +103,21 @@ def _check_alpha(alpha: Tensor, device: torch.device) -> None:
 
 
 def _check_rows(t: Tensor | None, name: str, x: Tensor, features: int) -> None:
+    """``t`` is ``x``'s layout with ``features`` features: ``(rows, features)`` or ``(N, features, S)``."""
     if t is None:
         return
-    _check_matrix(t, name, x.device, x.dtype)
-    if tuple(t.shape) != (x.shape[0], features):
-        raise ValueError(f"{name} must have shape {(x.shape[0], features)}, got {tuple(t.shape)}")
+    expected = (x.shape[0], features) + tuple(x.shape[2:])
+    if tuple(t.shape) != expected:
+        layout = "(rows, D_out) like x (rows, D_in)" if x.dim() == 2 else "(N, D_out, S) like x (N, D_in, S)"
+        raise ValueError(f"{name} must have shape {expected}, {layout}, got {tuple(t.shape)}")
+    _check_tensor(t, name, x.device, x.dtype)
 
 
 def check_dense(x: Tensor, weight: Tensor, alpha: Tensor, branch: Tensor | None = None, grad: Tensor | None = None):
-    """Checks the arguments of the dense ops: ``x (N, D_in)``, ``weight (D_out, D_in)``."""
-    _check_matrix(x, "x", x.device)
+    """Checks the arguments of the dense ops: ``x (rows, D_in)`` or ``(N, D_in, S)``,
+    ``weight (D_out, D_in)``, ``branch``/``grad`` ``(rows, D_out)`` or ``(N, D_out, S)``;
+    all contiguous."""
+    _check_activations(x)
     _check_matrix(weight, "weight", x.device, x.dtype)
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must have {x.shape[1]} columns (x's features), got shape {tuple(weight.shape)}")
@@ -105,9 +127,10 @@ def check_dense(x: Tensor, weight: Tensor, alpha: Tensor, branch: Tensor | None 
 
 
 def check_bsr(x, values, crow, col, ccol, row, perm, alpha, branch=None, grad=None, block_sizes=None) -> None:
-    """Checks the arguments of the BSR ops (shapes as in ``csrc/ops.cpp``); ``block_sizes``
-    lists the block sizes the chosen kernels support."""
-    _check_matrix(x, "x", x.device)
+    """Checks the arguments of the BSR ops (shapes as in ``csrc/ops.cpp``; ``x`` also
+    features-first ``(N, C*b, S)``, ``branch``/``grad`` then ``(N, R*b, S)``; all contiguous);
+    ``block_sizes`` lists the block sizes the chosen kernels support."""
+    _check_activations(x)
     if values.dim() != 3 or values.shape[1] != values.shape[2] or values.shape[1] == 0:
         raise ValueError(f"values must have shape (nnzb, b, b), got {tuple(values.shape)}")
     if values.dtype != x.dtype:
@@ -119,16 +142,21 @@ def check_bsr(x, values, crow, col, ccol, row, perm, alpha, branch=None, grad=No
         raise ValueError(f"block size {b} is not supported by these kernels (supported: {block_sizes})")
     if x.shape[1] % b:
         raise ValueError(f"x has {x.shape[1]} features, not divisible by the block size {b}")
-    nnzb, ncols = values.shape[0], x.shape[1] // b
-    nrows = crow.numel() - 1
-    for t, name, n in [(crow, "crow_indices", None), (col, "col_indices", nnzb), (ccol, "ccol_indices", ncols + 1),
+    nnzb = values.shape[0]
+    for t, name, n in [(crow, "crow_indices", None), (col, "col_indices", nnzb), (ccol, "ccol_indices", None),
                        (row, "row_indices", nnzb), (perm, "perm", nnzb)]:
         if t.dim() != 1 or t.dtype != torch.int64 or not t.is_contiguous() or t.device != x.device:
             raise ValueError(f"{name} must be a contiguous 1-D int64 tensor on {x.device}")
         if n is not None and t.numel() != n:
             raise ValueError(f"{name} must have {n} entries, got {t.numel()}")
+    nrows, ncols = crow.numel() - 1, ccol.numel() - 1
     if nrows < 0:
         raise ValueError("crow_indices must not be empty")
+    if ncols < 0:
+        raise ValueError("ccol_indices must not be empty")
+    if x.shape[1] != ncols * b:
+        raise ValueError(f"x has {x.shape[1]} features but the layout has {ncols} block columns of {b} "
+                         f"({ncols * b} features), x of shape {tuple(x.shape)}")
     _check_alpha(alpha, x.device)
     _check_rows(branch, "branch", x, nrows * b)
     _check_rows(grad, "grad", x, nrows * b)
