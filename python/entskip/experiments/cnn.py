@@ -24,7 +24,7 @@ from functools import partial
 from entskip.models import ResNet
 
 from . import compare, images
-from .common import Optim, Settings, verdict
+from .common import Optim, Settings, arm_verdicts
 
 EPOCHS = 12
 TRAIN_SIZE = 1000
@@ -55,19 +55,16 @@ def setup() -> compare.Setup:
     )
 
 
+#: The sign of the paired difference (mapping - identity) each part of the claim predicts:
+#: sparse "can help" (> 0), orthogonal "hurt" (< 0); the other kinds are reported with
+#: the sign a help (structural) or a harm (block_orthogonal) would have.
+EXPECTED = {"sparse": +1, "orthogonal": -1, "block_orthogonal": -1, "structural": +1}
+
+
 def verdicts(results: dict) -> list[dict]:
-    """Each part of the claim against its paired 95 % interval: sparse - identity > 0
-    ("can help"), orthogonal - identity < 0 ("hurt"); the other kinds reported with
-    the sign a help would have."""
-    expected = {"sparse": +1, "orthogonal": -1, "block_orthogonal": -1, "structural": +1}
-    out = []
-    for group, res in results.items():
-        for mapping, sign in expected.items():
-            if mapping in res:
-                ci = res[mapping]["delta_vs_identity"]["ci95"]
-                out.append({"setup": group, "mapping": mapping, "expected_sign": sign,
-                            "mean": res[mapping]["delta_vs_identity"]["mean"], "ci95": ci, "verdict": verdict(ci, sign)})
-    return out
+    """Each part of the claim against its paired 95 % interval (:data:`EXPECTED`,
+    :func:`.common.arm_verdicts`)."""
+    return arm_verdicts(results, EXPECTED)
 
 
 def run(settings: Settings) -> dict:

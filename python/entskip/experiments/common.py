@@ -219,6 +219,27 @@ def verdict(ci95: list[float], expected_sign: int) -> str:
     return "not resolved"
 
 
+def arm_verdicts(results: dict[str, dict], expected: dict[str, int]) -> list[dict]:
+    """The verdict of every compared arm against the identity arm, for :mod:`.cnn` and :mod:`.vit`.
+
+    ``results`` is a :func:`entskip.experiments.compare.run` result's ``results``
+    (setup -> mapping -> ``{"delta_vs_identity": ...}``), ``expected`` maps each judged
+    mapping to the sign of the paired difference the claim predicts (+1 or -1); mappings
+    missing from a setup are skipped.
+
+    Returns ``[{"setup", "mapping", "expected_sign", "mean", "ci95", "verdict"}, ...]``,
+    setups in order, then mappings in the order of ``expected``.
+    """
+    out = []
+    for group, res in results.items():
+        for mapping, sign in expected.items():
+            if mapping in res:
+                delta = res[mapping]["delta_vs_identity"]
+                out.append({"setup": group, "mapping": mapping, "expected_sign": sign,
+                            "mean": delta["mean"], "ci95": delta["ci95"], "verdict": verdict(delta["ci95"], sign)})
+    return out
+
+
 def progress_bar(total: int, desc: str, enabled: bool):
     """A tqdm progress bar counting training epochs."""
     from tqdm import tqdm

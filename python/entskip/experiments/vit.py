@@ -23,8 +23,8 @@ from functools import partial
 from entskip.models import ViT
 
 from . import compare, images
-from .cnn import verdicts
-from .common import Optim, Settings
+from .cnn import EXPECTED
+from .common import Optim, Settings, arm_verdicts
 
 EPOCHS = 16
 TRAIN_SIZE = 1000
@@ -61,7 +61,7 @@ def setup() -> compare.Setup:
 def run(settings: Settings) -> dict:
     """Train every mapping for every seed; returns the :func:`compare.run` result and the verdicts."""
     result = compare.run({"cluttered_digits": setup()}, settings, EPOCHS, SEEDS, "vit")
-    return {"claim": CLAIM, **result, "verdicts": verdicts(result["results"])}
+    return {"claim": CLAIM, **result, "verdicts": arm_verdicts(result["results"], EXPECTED)}
 
 
 plot = compare.plot
