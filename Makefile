@@ -75,7 +75,7 @@ $(VENV_CUDA)/.built: $(VENV_CUDA)/.deps $(NATIVE) $(wildcard python/entskip/*.py
 
 test-cuda-torch: $(VENV_CUDA)/.built
 	ENTSKIP_REQUIRE_CUDA_BUILD=1 ENTSKIP_REQUIRE_TIMM=1 $(PY_CUDA) -m pytest -q -n 2 \
-	  tests/test_cuda_build.py tests/test_timm_torchvision.py tests/test_triton_kernels.py
+	  tests/test_cuda_build.py tests/test_timm_torchvision.py tests/test_triton_kernels.py tests/test_triton_features_first.py
 
 # The sdist builds a wheel that installs a working entskip into a fresh venv holding only torch,
 # ninja, setuptools and wheel (.ci/sdist_check.sh; one native build, from the sdist alone).
