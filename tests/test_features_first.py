@@ -370,7 +370,8 @@ def test_compile_fullgraph_nchw():
 
 # --- the CUDA C++ backend's copies, exercised on the CPU ------------------------------
 
-def test_cuda_cpp_backend_gets_features_last_copies(monkeypatch):
+@pytest.mark.parametrize("n,s", [(3, 10), (0, 7)])
+def test_cuda_cpp_backend_gets_features_last_copies(monkeypatch, n, s):
     """gpu_forward/gpu_backward on backend 'cuda' hand the _cuda_* ops 2-D features-last copies of
     features-first tensors and return the results features first (the _cuda_* ops stand in for
     the CPU ops here: no GPU)."""
@@ -391,10 +392,11 @@ def test_cuda_cpp_backend_gets_features_last_copies(monkeypatch):
                         record(torch.ops.entskip.dense_skip_add_backward), raising=False)
     m = mappings.sparse(64, density=0.5, block=16, seed=1)
     values, *layout = _bsr_args(m, torch.float64)
-    x, r, g = _op_inputs(64, 64, 3, 10, torch.float64)
+    x, r, g = _op_inputs(64, 64, n, s, torch.float64)
     a = _alpha(torch.float64)
     M = m.matrix().double()
     y = bsr_skip.gpu_forward(x, values, *layout, a, r, "cuda")
+    assert y.shape == x.shape
     assert_close(y, 0.7 * (M @ x) + r, torch.float64, "y")
     dx, dv, da = bsr_skip.gpu_backward(g, x, values, *layout, a, [True, True, True], "cuda")
     assert_close(dx, 0.7 * (M.T @ g), torch.float64, "dx")
@@ -406,3 +408,23 @@ def test_cuda_cpp_backend_gets_features_last_copies(monkeypatch):
     assert_close(dx, 0.7 * (M.T @ g), torch.float64, "dense dx")
     assert dx.is_contiguous() and dx.shape == x.shape
     assert seen == [2, 2, 2, 2], "the CUDA C++ ops get 2-D (features-last) tensors only"
+
+
+def test_cuda_cpp_backend_checks_the_callers_tensors():
+    """The CUDA C++ path checks the features-first tensors before copying them: a branch or
+    grad whose N * S matches x's but whose shape does not is an error naming it, not a
+    scrambled sum (the _cuda_* ops are never reached)."""
+    m = mappings.sparse(64, density=0.5, block=16, seed=1)
+    values, *layout = _bsr_args(m, torch.float64)
+    x, _, _ = _op_inputs(64, 64, 2, 8, torch.float64)
+    wrong = torch.randn(4, 64, 4, dtype=torch.float64)  # 16 positions, as x's 2 x 8
+    a = _alpha(torch.float64)
+    M = m.matrix().double()
+    with pytest.raises(ValueError, match="branch"):
+        bsr_skip.gpu_forward(x, values, *layout, a, wrong, "cuda")
+    with pytest.raises(ValueError, match="grad"):
+        bsr_skip.gpu_backward(wrong, x, values, *layout, a, [True, True, True], "cuda")
+    with pytest.raises(ValueError, match="branch"):
+        dense_skip.gpu_forward(x, M, a, wrong, "cuda")
+    with pytest.raises(ValueError, match="grad"):
+        dense_skip.gpu_backward(wrong, x, M, a, [True, True, True], "cuda")

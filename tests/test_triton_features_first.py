@@ -130,6 +130,16 @@ def test_dense_matches_einsum_reference(poisoned, dtype, s, shape):
     _check_against_reference(y, grads, y_ref, grads_ref, dtype, x, grad, weight, alpha)
 
 
+def test_dense_launches_more_images_than_a_grid_axis_holds(poisoned, monkeypatch):
+    """More images than CUDA's grid axis 1 allows (65535; lowered to 2 here) run in slices."""
+    monkeypatch.setattr(_kernels().dense_skip, "MAX_IMAGES", 2)
+    x, branch, grad, alpha = _inputs(5, 32, 48, 7, torch.float64, seed=11)
+    weight = _rand(torch.Generator().manual_seed(12), 48, 32, dtype=torch.float64) / 32**0.5
+    y, grads = _dense_run(x, weight, alpha, branch, grad)
+    y_ref, grads_ref = _einsum_reference(lambda w: w, weight, x, branch, grad, alpha)
+    _check_against_reference(y, grads, y_ref, grads_ref, torch.float64, x, grad, weight, alpha)
+
+
 def test_without_branch(poisoned):
     """``branch=None``: the pure skip product, both families."""
     layout, values = _bsr_layout(2, 2, 16, seed=3)

@@ -38,6 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tuning
+from .. import formats
 
 BLOCK_ROW_CONFIGS = [
     triton.Config({"BM": bm}, num_warps=w, num_stages=s)
@@ -250,8 +251,7 @@ def _s_key(t: Tensor) -> int:
 
 def _with_features(t: Tensor, features: int) -> Tensor:
     """An empty contiguous tensor of ``t``'s layout with ``features`` features."""
-    shape = (t.shape[0], features) + tuple(t.shape[2:])
-    return torch.empty(shape, dtype=t.dtype, device=t.device)
+    return torch.empty(formats.with_features(t, features), dtype=t.dtype, device=t.device)
 
 
 def _check_tile_offsets(t: Tensor, tile: int) -> None:

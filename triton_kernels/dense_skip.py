@@ -160,6 +160,9 @@ def _matmul_kernel(
     tl.store(c_ptr + offsets, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+MAX_IMAGES = 65535  # CUDA's limit on a grid's second axis, one image per index
+
+
 def _matmul(a: Tensor, b: Tensor, alpha: Tensor, features_first: bool, branch: Tensor | None = None,
             dot: Tensor | None = None, reduce: bool = False):
     """``(alpha * (a[l] @ b[l]) + branch[l], None)`` for strided batches ``a (L, M, K)``,
@@ -168,6 +171,12 @@ def _matmul(a: Tensor, b: Tensor, alpha: Tensor, features_first: bool, branch: T
     (``None`` without ``dot``, which needs ``reduce``). ``features_first`` chooses the
     configs (:func:`matmul_fits`)."""
     (batch, m, k), n = a.shape, b.shape[2]
+    if not reduce and batch > MAX_IMAGES:  # grid axis 1 holds the images: launch in slices
+        return torch.cat([
+            _matmul(a[i:i + MAX_IMAGES], b[i:i + MAX_IMAGES], alpha, features_first,
+                    None if branch is None else branch[i:i + MAX_IMAGES])[0]
+            for i in range(0, batch, MAX_IMAGES)
+        ]), None
     out = torch.empty(1 if reduce else batch, m, n, dtype=a.dtype, device=a.device)
     acc = tuning.acc_dtype(a.dtype)
     zero = None if dot is None else torch.zeros((), dtype=acc, device=a.device)

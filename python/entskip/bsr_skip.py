@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, devices, gpu_dispatch, reference
-from .dense_skip import features_first, features_last, output_shape
+from . import backends, devices, formats, gpu_dispatch, reference
 
 
 def bsr_skip_add(
@@ -68,12 +67,11 @@ def gpu_forward(x, values, crow_indices, col_indices, ccol_indices, row_indices,
     features-first tensors as features-last copies, and the result is copied back.
     """
     layout = (crow_indices, col_indices, ccol_indices, row_indices, perm)
-    if backend == "cuda" and x.dim() == 3:
-        b2 = None if branch is None else features_last(branch)
-        return features_first(gpu_forward(features_last(x), values, *layout, alpha, b2, backend), x.shape[0])
     blocks = gpu_dispatch.TRITON_BLOCKS if backend == "triton" else None
     gpu_dispatch.check_bsr(x, values, *layout, alpha, branch=branch, block_sizes=blocks)
     gpu_dispatch.validate_layout(*layout, values.shape[-1])
+    if backend == "cuda" and x.dim() == 3:
+        return formats.rows_forward(lambda x2, b2: gpu_forward(x2, values, *layout, alpha, b2, backend), x, branch)
     if backend == "cuda":
         return torch.ops.entskip._cuda_bsr_skip_add(x, values, *layout, alpha, branch)
     return gpu_dispatch.triton_kernels().bsr_skip.forward(x, values, crow_indices, col_indices, alpha, branch)
@@ -83,13 +81,12 @@ def gpu_backward(grad, x, values, crow_indices, col_indices, ccol_indices, row_i
                  backend):
     """The CUDA implementation of ``bsr_skip_add_backward`` (see :func:`gpu_forward`)."""
     layout = (crow_indices, col_indices, ccol_indices, row_indices, perm)
-    if backend == "cuda" and x.dim() == 3:
-        dx, dvalues, dalpha = gpu_backward(features_last(grad), features_last(x), values, *layout, alpha, output_mask,
-                                           backend)
-        return None if dx is None else features_first(dx, x.shape[0]), dvalues, dalpha
     blocks = gpu_dispatch.TRITON_BLOCKS if backend == "triton" else None
     gpu_dispatch.check_bsr(x, values, *layout, alpha, grad=grad, block_sizes=blocks)
     gpu_dispatch.validate_layout(*layout, values.shape[-1])
+    if backend == "cuda" and x.dim() == 3:
+        return formats.rows_backward(
+            lambda g2, x2: gpu_backward(g2, x2, values, *layout, alpha, output_mask, backend), grad, x)
     if backend == "cuda":
         return torch.ops.entskip._cuda_bsr_skip_add_backward(grad, x, values, *layout, alpha, output_mask)
     return gpu_dispatch.triton_kernels().bsr_skip.backward(grad, x, values, *layout, alpha, output_mask)
@@ -114,7 +111,7 @@ if backends.native_available():
     def _(x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, branch):
         devices.check_same(x, values=values, crow_indices=crow_indices, col_indices=col_indices,
                            ccol_indices=ccol_indices, row_indices=row_indices, perm=perm, alpha=alpha, branch=branch)
-        return x.new_empty(output_shape(x, (crow_indices.shape[0] - 1) * values.shape[-1]))
+        return x.new_empty(formats.with_features(x, (crow_indices.shape[0] - 1) * values.shape[-1]))
 
     @torch.library.register_fake("entskip::bsr_skip_add_backward")
     def _(grad, x, values, crow_indices, col_indices, ccol_indices, row_indices, perm, alpha, output_mask):

@@ -17,8 +17,7 @@ W>``, ``dbranch = g``.
 On CUDA tensors the ops run :func:`gpu_forward` / :func:`gpu_backward`: the Triton or
 the CUDA C++ kernels (:mod:`entskip.gpu_dispatch`). The Triton kernels take both formats
 as they are; the CUDA C++ kernels take features last only, so features-first tensors are
-copied to ``(N * S, D)`` and the results copied back (:func:`features_last`,
-:func:`features_first`).
+copied to ``(N * S, D)`` and the results copied back (:mod:`entskip.formats`).
 """
 
 from __future__ import annotations
@@ -26,22 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, devices, gpu_dispatch, reference
-
-
-def output_shape(x: Tensor, features: int) -> list[int]:
-    """``x``'s shape with ``features`` features (dim 1, in both formats)."""
-    return [x.shape[0], features, *x.shape[2:]]
-
-
-def features_last(t: Tensor) -> Tensor:
-    """A features-first ``(N, D, S)`` tensor as the features-last ``(N * S, D)`` (a copy)."""
-    return t.mT.reshape(-1, t.shape[1])
-
-
-def features_first(t: Tensor, n: int) -> Tensor:
-    """The inverse of :func:`features_last`: ``(N * S, D)`` to a contiguous ``(N, D, S)`` (a copy)."""
-    return t.reshape(n, -1, t.shape[1]).mT.contiguous()
+from . import backends, devices, formats, gpu_dispatch, reference
 
 
 def dense_skip_add(x: Tensor, weight: Tensor, branch: Tensor | None, alpha: Tensor) -> Tensor:
@@ -60,10 +44,9 @@ def gpu_forward(x, weight, alpha, branch, backend):
     on CPU tensors (how CPU CI tests them). The CUDA C++ kernels get features-first
     tensors as features-last copies, and the result is copied back.
     """
-    if backend == "cuda" and x.dim() == 3:
-        b2 = None if branch is None else features_last(branch)
-        return features_first(gpu_forward(features_last(x), weight, alpha, b2, backend), x.shape[0])
     gpu_dispatch.check_dense(x, weight, alpha, branch=branch)
+    if backend == "cuda" and x.dim() == 3:
+        return formats.rows_forward(lambda x2, b2: gpu_forward(x2, weight, alpha, b2, backend), x, branch)
     if backend == "cuda":
         return torch.ops.entskip._cuda_dense_skip_add(x, weight, alpha, branch)
     return gpu_dispatch.triton_kernels().dense_skip.forward(x, weight, alpha, branch)
@@ -71,10 +54,9 @@ def gpu_forward(x, weight, alpha, branch, backend):
 
 def gpu_backward(grad, x, weight, alpha, output_mask, backend):
     """The CUDA implementation of ``dense_skip_add_backward`` (see :func:`gpu_forward`)."""
-    if backend == "cuda" and x.dim() == 3:
-        dx, dw, dalpha = gpu_backward(features_last(grad), features_last(x), weight, alpha, output_mask, backend)
-        return None if dx is None else features_first(dx, x.shape[0]), dw, dalpha
     gpu_dispatch.check_dense(x, weight, alpha, grad=grad)
+    if backend == "cuda" and x.dim() == 3:
+        return formats.rows_backward(lambda g2, x2: gpu_backward(g2, x2, weight, alpha, output_mask, backend), grad, x)
     if backend == "cuda":
         return torch.ops.entskip._cuda_dense_skip_add_backward(grad, x, weight, alpha, output_mask)
     return gpu_dispatch.triton_kernels().dense_skip.backward(grad, x, weight, alpha, output_mask)
@@ -95,7 +77,7 @@ if backends.native_available():
     @torch.library.register_fake("entskip::dense_skip_add")
     def _(x, weight, alpha, branch):
         devices.check_same(x, weight=weight, alpha=alpha, branch=branch)
-        return x.new_empty(output_shape(x, weight.shape[0]))
+        return x.new_empty(formats.with_features(x, weight.shape[0]))
 
     @torch.library.register_fake("entskip::dense_skip_add_backward")
     def _(grad, x, weight, alpha, output_mask):

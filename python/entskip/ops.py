@@ -236,7 +236,8 @@ def skip_add(
     xm = x if last else x.movedim(fd, -1)
     if not last and takes_features_first and x.is_contiguous() and not xm.is_contiguous():
         # Features first in memory (a contiguous NCHW map): the op reads the (N, C, H * W)
-        # view in place; a branch in another format is copied into this one.
+        # view in place; a branch in another format (channels_last) reaches the op wrapper
+        # as a strided view, which it copies into this format.
         n, s = math.prod(x.shape[:fd]), math.prod(x.shape[fd + 1:])
         b3 = None if branch is None else branch.reshape(n, d_out, s)
         return run(x.view(n, d_in, s), b3, alpha).reshape(out_shape)
