@@ -527,7 +527,7 @@ def sparse(
     1.25-1.35). ``strength`` trades how much the mapping mixes channel groups against
     how far its Jacobian norm leaves 1.
 
-    ``construction="random"`` (entskip before issue 17; for old results): every block
+    ``construction="random"`` (entskip's earlier default; for old checkpoints and results): every block
     row holds the diagonal ``I`` and exactly ``k - 1`` uniformly drawn off-diagonal
     blocks of ``N(0, 1 / (k b))`` entries. With ``normalize="spectral"`` (its default)
     the matrix is divided by its spectral norm: Jacobian norm 1, but eigenvalue moduli
@@ -597,8 +597,8 @@ def structural(
     ``normalize="spectral"``: divided by the spectral norm (Jacobian norm 1, diagonal
     ``1 / lambda_max``); the mean eigenvalue then falls to about ``(1 - rho) / (1 + rho)``
     (0.33 at ``rho = 0.5``): a contracting low-pass filter over the channel order.
-    ``structural(dim, rho=0.5, normalize="spectral")`` is entskip's construction before
-    issue 17 (for old results). Deterministic: there is nothing random to seed.
+    ``structural(dim, rho=0.5, normalize="spectral")`` is entskip's earlier
+    default (for old checkpoints and results). Deterministic: there is nothing random to seed.
     """
     dim = _check_dim(dim)
     block = _check_block(dim, block)

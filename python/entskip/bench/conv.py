@@ -1,4 +1,4 @@
-"""The convolutional grid of ``python -m entskip.bench --conv`` (issue #16).
+"""The convolutional grid of ``python -m entskip.bench --conv`` (NCHW and channels_last maps).
 
 ``entskip.skip_add(x, M, r, alpha, feature_dim=1)`` on ``(N, C, H, W)`` maps of ResNet
 stages, in both memory formats (``channels_last``: features last; contiguous ``NCHW``: the
@@ -11,7 +11,7 @@ ops' features-first format), beside
 Per case, dtype and pass the methods are timed interleaved call by call (so a shared
 machine's drift hits each alike), with warm-up, and the medians kept. In forward+backward
 ``x``, ``r``, ``alpha`` and ``M`` (entskip's blocks or weight, the conv's weight) require
-grad. The targets of issue 16 are checked on the medians: entskip on NCHW within 1.25x of
+grad. The project's targets are checked on the medians: entskip on NCHW within 1.25x of
 channels_last for the same case; entskip faster than ``conv1x1+r`` where ``M``'s density is
 at most 1/4; a dense ``M`` no slower than ``conv1x1+r``.
 """

@@ -12,7 +12,7 @@ drift hits every method alike:
 - ``x + r``: the plain residual, the floor.
 
 ``alpha`` is a 0-d float32 tensor like a module's; in forward+backward ``x``, ``r`` and
-``alpha`` require grad (a learnable alpha; ``torch.add`` has none). The targets of issue 19
+``alpha`` require grad (a learnable alpha; ``torch.add`` has none). The project's targets
 are checked against the medians: identity forward within 1.2x of ``torch.add``, identity
 fwd+bwd within 1.5x of ``x + r``'s, permutation forward within 1.5x and fwd+bwd within 2x
 of ``x + r``'s.
