@@ -428,3 +428,27 @@ def test_cuda_cpp_backend_checks_the_callers_tensors():
         dense_skip.gpu_forward(x, M, a, wrong, "cuda")
     with pytest.raises(ValueError, match="grad"):
         dense_skip.gpu_backward(wrong, x, M, a, [True, True, True], "cuda")
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_a_subclass_that_replaces_skip_add_2d_declares_its_formats(declared):
+    """A Mapping subclass overriding skip_add_2d gets features-last (rows, D) activations
+    unless it sets features_first itself: it does not inherit DenseMapping's flag."""
+    seen = []
+
+    class Logged(DenseMapping):
+        if declared:
+            features_first = True
+
+        def skip_add_2d(self, x, branch, alpha):
+            seen.append(x.dim())
+            return super().skip_add_2d(x, branch, alpha)
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 8, 3, 5, generator=gen, dtype=torch.float64)
+    r = torch.randn(2, 8, 3, 5, generator=gen, dtype=torch.float64)
+    y = entskip.skip_add(x, Logged(w), r, 0.5, feature_dim=1)
+    assert seen == [3 if declared else 2]
+    assert Logged.any_rank is False
+    assert_close(y, 0.5 * torch.einsum("oi,nihw->nohw", w, x) + r, torch.float64, "y")

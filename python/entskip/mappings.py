@@ -105,7 +105,9 @@ class Mapping(nn.Module):
 
     Subclasses implement :meth:`matrix` (the dense ``M``, for the reference and the
     analysis) and :meth:`skip_add_2d` (the fused op on ``(N, D_in)`` activations, and on
-    features-first ``(N, D_in, S)`` ones where :attr:`features_first` is true).
+    features-first ``(N, D_in, S)`` ones where :attr:`features_first` is true). A subclass
+    that overrides :meth:`skip_add_2d` gets ``(N, D_in)`` activations only, unless it sets
+    :attr:`features_first` (or :attr:`any_rank`) itself.
     """
 
     kind = "mapping"
@@ -114,6 +116,15 @@ class Mapping(nn.Module):
     #: whether :meth:`skip_add_2d` takes ``(..., D_in)`` activations of any rank as they are
     #: (the elementwise skips), so that they need no reshape to ``(N, D_in)``
     any_rank = False
+
+    def __init_subclass__(cls, **kwargs):
+        # A subclass that overrides skip_add_2d takes the formats it declares itself: it does
+        # not inherit features_first or any_rank from a parent whose skip_add_2d it replaces.
+        super().__init_subclass__(**kwargs)
+        if "skip_add_2d" in cls.__dict__:
+            for flag in ("features_first", "any_rank"):
+                if flag not in cls.__dict__:
+                    setattr(cls, flag, False)
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
