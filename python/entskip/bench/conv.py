@@ -30,7 +30,7 @@ import entskip
 from entskip import mappings
 
 from .peers import Runner
-from .skips import interleaved_ms
+from .skips import interleaved_ms, runner
 
 # (N, C, H, W), mapping constructor, its keywords.
 CASES = (
@@ -73,14 +73,7 @@ def _runners(shape, mapping_name, kwargs, fmt, dtype, backward: bool) -> tuple[d
         "x+r": (operator.add, (x, r)),
     }
     grad = torch.randn(*shape, generator=gen).to(dtype).contiguous(memory_format=fmt) if backward else None
-    runners = {}
-    for name, (compute, inputs) in methods.items():
-        if grad is None:
-            runners[name] = Runner(lambda compute=compute, inputs=inputs: compute(*inputs))
-            continue
-        leaves = tuple(t if isinstance(t, torch.nn.Parameter) else t.detach().clone().requires_grad_() for t in inputs)
-        runners[name] = Runner(lambda compute=compute, leaves=leaves: compute(*leaves), leaves, grad)
-    return runners, m.density
+    return {name: runner(compute, inputs, grad) for name, (compute, inputs) in methods.items()}, m.density
 
 
 def _targets(records: list[dict]) -> None:

@@ -75,10 +75,12 @@ def _methods(shape, dtype, device) -> dict[str, Callable[[], tuple[Callable, tup
     }
 
 
-def _runner(compute, inputs, grad: torch.Tensor | None) -> Runner:
+def runner(compute, inputs, grad: torch.Tensor | None) -> Runner:
+    """``compute(*inputs)`` timed forward, or with ``grad`` forward+backward: every input a
+    fresh leaf that requires grad, a Parameter used as it is."""
     if grad is None:
         return Runner(lambda: compute(*inputs))
-    leaves = tuple(t.detach().clone().requires_grad_() for t in inputs)
+    leaves = tuple(t if isinstance(t, torch.nn.Parameter) else t.detach().clone().requires_grad_() for t in inputs)
     return Runner(lambda: compute(*leaves), leaves, grad)
 
 
@@ -108,7 +110,7 @@ def run_grid(device: torch.device, dtypes, repeats: int, shapes=SHAPES, backward
             for bwd in (False, True) if backward else (False,):
                 methods = _methods(shape, dtype, device)
                 grad = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(device, dtype) if bwd else None
-                runners = {name: _runner(c, i, grad) for name, (c, i) in methods.items()}
+                runners = {name: runner(c, i, grad) for name, (c, i) in methods.items()}
                 times = interleaved_ms(runners, repeats)
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 pass_name = "fwd+bwd" if bwd else "forward"
