@@ -1,9 +1,11 @@
 // CPU implementation of the permutation skip-add, y[..., i] = alpha * x[..., index[i]] +
 // branch[..., i], and its backward (schemas in csrc/ops.cpp), each one pass over memory:
-//   forward   per row: gather x through index (the row sits in cache), read branch, write y;
-//   backward  per row: gather grad through inverse, write dx[j] = alpha * grad[inverse[j]],
-//             and add grad[inverse[j]] * x[j] into dalpha: the writes and the reads of x
-//             stay contiguous, only the gathered row is read out of order.
+//   forward   per row: copy the row of x in order into an L1 buffer, widened to the
+//             accumulation type (elementwise::for_widened_rows), gather from it through
+//             index, read branch, write y;
+//   backward  per row: the same with grad and inverse, write dx[j] = alpha * grad[inverse[j]],
+//             and add grad[inverse[j]] * x[j] into dalpha: every read and write of memory is
+//             in order, only the row's L1 copy is read out of order.
 // index and inverse are checked on every call (O(D)): in range and inverse[index[i]] = i,
 // so a corrupted index raises instead of reading out of bounds. Rows are cut into fixed
 // chunks of about elementwise::kChunk elements, the work items and the terms of dalpha's
@@ -42,35 +44,35 @@ std::vector<int32_t> checked_permutation(const at::Tensor& index, const at::Tens
 }
 
 template <bool HAS_BRANCH, typename T, typename A = acc_type<T>>
-inline void forward_row(const T* x, const int32_t* idx, const T* b, T* y, int64_t d, A a) {
+inline void forward_row(const A* x, const int32_t* idx, const T* b, T* y, int64_t d, A a) {
   constexpr int W = simd::Simd<A>::W;
   const simd::Vec<A> av = simd::broadcast(a);
   int64_t i = 0;
   for (; i + W <= d; i += W) {
-    simd::Vec<A> v = av * gather<T, A>(x, idx + i);
+    simd::Vec<A> v = av * gather(x, idx + i);
     if constexpr (HAS_BRANCH) v += load<A>(b + i);
     store<A>(y + i, v);
   }
   for (; i < d; ++i) {
-    A v = a * static_cast<A>(x[idx[i]]);
+    A v = a * x[idx[i]];
     if constexpr (HAS_BRANCH) v += static_cast<A>(b[i]);
     y[i] = static_cast<T>(v);
   }
 }
 
 template <bool DX, bool DA, typename T, typename A = acc_type<T>>
-inline void backward_row(const T* g, const int32_t* inv, const T* x, T* dx, int64_t d, A a, simd::Vec<A>& acc,
+inline void backward_row(const A* g, const int32_t* inv, const T* x, T* dx, int64_t d, A a, simd::Vec<A>& acc,
                          A& tail) {
   constexpr int W = simd::Simd<A>::W;
   const simd::Vec<A> av = simd::broadcast(a);
   int64_t j = 0;
   for (; j + W <= d; j += W) {
-    const simd::Vec<A> gv = gather<T, A>(g, inv + j);
+    const simd::Vec<A> gv = gather(g, inv + j);
     if constexpr (DX) store<A>(dx + j, av * gv);
     if constexpr (DA) acc += gv * load<A>(x + j);
   }
   for (; j < d; ++j) {
-    const A gj = static_cast<A>(g[inv[j]]);
+    const A gj = g[inv[j]];
     if constexpr (DX) dx[j] = static_cast<T>(a * gj);
     if constexpr (DA) tail += gj * static_cast<A>(x[j]);
   }
@@ -98,14 +100,13 @@ at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, co
     const scalar_t* bp = branch.has_value() ? br.t.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin * per; r < std::min(end * per, rows); ++r) {
+      for_widened_rows<A>(xp, xr.stride, d, begin * per, std::min(end * per, rows), [&](int64_t r, const A* xrow) {
         if (bp != nullptr) {
-          forward_row<true>(xp + r * xr.stride, idx.data(), bp + r * br.stride, yp + r * d, d, static_cast<A>(a));
+          forward_row<true>(xrow, idx.data(), bp + r * br.stride, yp + r * d, d, static_cast<A>(a));
         } else {
-          forward_row<false>(xp + r * xr.stride, idx.data(), static_cast<const scalar_t*>(nullptr), yp + r * d, d,
-                             static_cast<A>(a));
+          forward_row<false>(xrow, idx.data(), static_cast<const scalar_t*>(nullptr), yp + r * d, d, static_cast<A>(a));
         }
-      }
+      });
     });
   }), at::kFloat, at::kDouble, at::kBFloat16, at::kHalf);
   return y;
@@ -119,15 +120,17 @@ void backward_kernel(const Rows& gr, const Rows& xr, const int32_t* inv, T* dxp,
   const T* gp = gr.t.const_data_ptr<T>();
   const T* xp = xr.t.const_data_ptr<T>();
   at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      simd::Vec<A> acc = {};
-      A tail = 0;
-      for (int64_t r = c * per; r < std::min((c + 1) * per, rows); ++r) {
-        backward_row<DX, DA>(gp + r * gr.stride, inv, xp + r * xr.stride, DX ? dxp + r * d : nullptr, d,
-                             static_cast<A>(a), acc, tail);
+    simd::Vec<A> acc = {};
+    A tail = 0;
+    const int64_t last = std::min(end * per, rows);
+    for_widened_rows<A>(gp, gr.stride, d, begin * per, last, [&](int64_t r, const A* grow) {
+      backward_row<DX, DA>(grow, inv, xp + r * xr.stride, DX ? dxp + r * d : nullptr, d, static_cast<A>(a), acc, tail);
+      if (DA && (r % per == per - 1 || r + 1 == last)) {  // chunk r / per ends: its term of dalpha
+        partials[r / per] = lane_sum<A>(acc) + static_cast<double>(tail);
+        acc = simd::Vec<A>{};
+        tail = 0;
       }
-      if constexpr (DA) partials[c] = lane_sum<A>(acc) + static_cast<double>(tail);
-    }
+    });
   });
 }
 
