@@ -28,6 +28,7 @@
 #include "block_row_product.h"
 #include "common.h"
 #include "features_first.h"
+#include "positions.h"
 #include "simd.h"
 
 namespace entskip::cpu {
@@ -168,14 +169,15 @@ struct SampledBf16Pairs {
 // Bytes of the packed panels of g and x that one chunk of N keeps in L2.
 constexpr int64_t kSampledBytes = 512 * 1024;
 
-// S[k] = g[:, row(k)*B : +B]^T @ x[:, col[k]*B : +B] for the blocks k in [begin, end), whose
-// block rows are row_of[k]. N is walked in chunks. For each chunk the thread first packs,
-// reading each row of g and x once and in order, the block columns its blocks use into
-// contiguous panels (Ops::pack); then every block runs its MS-row strips of S over its two
-// panels, which stay in L1.
-template <typename scalar_t, typename acc_t, int B, typename Ops>
-void sampled_blocks_fixed(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, const int64_t* row_of,
-                          const int64_t* col, int64_t begin, int64_t end, int64_t N, acc_t* S) {
+// S[k] = sum_p g(p, row(k)*B : +B)^T x(p, col[k]*B : +B) over the positions p < P (rows of
+// N, or the N * S positions of a features-first map; positions.h) for the blocks k in
+// [begin, end), whose block rows are row_of[k]. Positions are walked in chunks. For each
+// chunk the thread first packs the block columns of x and the block rows of g its blocks
+// use into contiguous panels (Layout::pack with Ops::pack); then every block runs its
+// MS-row strips of S over its two panels, which stay in L1.
+template <typename scalar_t, typename acc_t, int B, typename Ops, typename Layout>
+void sampled_blocks_fixed(const Layout& g, const Layout& x, const int64_t* row_of, const int64_t* col, int64_t begin,
+                          int64_t end, int64_t P, acc_t* S) {
   using panel_t = typename Ops::panel_t;
   constexpr int MS = Ops::MS, step = Ops::kRowsPerStep;
   // The block columns of x used here (sorted) and the panel of each; the block rows of g
@@ -187,23 +189,22 @@ void sampled_blocks_fixed(const scalar_t* g, int64_t ldg, const scalar_t* x, int
   for (int64_t k = begin; k < end; ++k)
     x_panel[k - begin] = std::lower_bound(x_cols.begin(), x_cols.end(), col[k]) - x_cols.begin();
   const int64_t g_first = row_of[begin], g_count = row_of[end - 1] - g_first + 1;
-  const int64_t npanels = static_cast<int64_t>(x_cols.size()) + g_count;
-  // Panel rows per chunk (each covers `step` rows of N).
+  const int64_t x_count = static_cast<int64_t>(x_cols.size()), npanels = x_count + g_count;
+  // Panel rows per chunk (each covers `step` positions).
   const int64_t chunk = std::clamp<int64_t>(kSampledBytes / (npanels * B * static_cast<int64_t>(sizeof(panel_t))), 8, 64);
   std::vector<panel_t> panels(npanels * chunk * B);
   panel_t* const xp = panels.data();
-  panel_t* const gp = panels.data() + static_cast<int64_t>(x_cols.size()) * chunk * B;
-  for (int64_t n0 = 0; n0 < N; n0 += chunk * step) {
-    const int64_t steps = (std::min(N - n0, chunk * step) + step - 1) / step;
-    for (int64_t q = 0; q < steps; ++q) {
-      const int64_t n = n0 + q * step;
-      const bool second = step == 2 && n + 1 < N;
-      const scalar_t *xn = x + n * ldx, *gn = g + n * ldg + g_first * B;
-      for (size_t p = 0; p < x_cols.size(); ++p)
-        Ops::pack(xp + (p * chunk + q) * B, xn + x_cols[p] * B, second ? xn + ldx + x_cols[p] * B : nullptr);
-      for (int64_t p = 0; p < g_count; ++p)
-        Ops::pack(gp + (p * chunk + q) * B, gn + p * B, second ? gn + ldg + p * B : nullptr);
-    }
+  panel_t* const gp = panels.data() + x_count * chunk * B;
+  std::vector<panel_t*> dsts(npanels);
+  std::vector<int64_t> f0s(npanels);
+  for (int64_t j = 0; j < npanels; ++j) {
+    dsts[j] = panels.data() + j * chunk * B;
+    f0s[j] = (j < x_count ? x_cols[j] : g_first + j - x_count) * B;
+  }
+  for (int64_t p0 = 0; p0 < P; p0 += chunk * step) {
+    const int64_t steps = (std::min(P - p0, chunk * step) + step - 1) / step;
+    x.template pack<Ops, B>(dsts.data(), f0s.data(), x_count, p0, steps, P);
+    g.template pack<Ops, B>(dsts.data() + x_count, f0s.data() + x_count, g_count, p0, steps, P);
     for (int64_t k = begin; k < end; ++k) {
       const panel_t* gk = gp + (row_of[k] - g_first) * chunk * B;
       const panel_t* xk = xp + x_panel[k - begin] * chunk * B;
@@ -213,24 +214,25 @@ void sampled_blocks_fixed(const scalar_t* g, int64_t ldg, const scalar_t* x, int
   }
 }
 
-// The same for any block size, without register blocking, over chunks of N rows whose
-// rows of g and x stay in L2 while the thread's blocks pass over them.
+// The same for any block size, without register blocking, over chunks of positions whose
+// features of g and x stay in L2 while the thread's blocks pass over them.
 constexpr int64_t kSampledChunk = 64;
 
-template <typename scalar_t, typename acc_t>
-void sampled_blocks_any(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, const int64_t* row_of,
-                        const int64_t* col, int64_t begin, int64_t end, int64_t b, int64_t N, acc_t* S) {
+template <typename scalar_t, typename acc_t, typename Layout>
+void sampled_blocks_any(const Layout& g, const Layout& x, const int64_t* row_of, const int64_t* col, int64_t begin,
+                        int64_t end, int64_t b, int64_t P, acc_t* S) {
   std::vector<acc_t> xn(b);
-  for (int64_t n0 = 0; n0 < N; n0 += kSampledChunk) {
-    const int64_t n1 = std::min(N, n0 + kSampledChunk);
+  const int64_t gs = g.feature_stride(), xs = x.feature_stride();
+  for (int64_t p0 = 0; p0 < P; p0 += kSampledChunk) {
+    const int64_t p1 = std::min(P, p0 + kSampledChunk);
     for (int64_t k = begin; k < end; ++k) {
       acc_t* Sk = S + k * b * b;
-      const scalar_t* gk = g + row_of[k] * b;
-      const scalar_t* xk = x + col[k] * b;
-      for (int64_t n = n0; n < n1; ++n) {
-        for (int64_t c = 0; c < b; ++c) xn[c] = static_cast<acc_t>(xk[n * ldx + c]);
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t* gk = g.at(p, row_of[k] * b);
+        const scalar_t* xk = x.at(p, col[k] * b);
+        for (int64_t c = 0; c < b; ++c) xn[c] = static_cast<acc_t>(xk[c * xs]);
         for (int64_t r = 0; r < b; ++r) {
-          const acc_t gv = static_cast<acc_t>(gk[n * ldg + r]);
+          const acc_t gv = static_cast<acc_t>(gk[r * gs]);
           acc_t* Sr = Sk + r * b;
           for (int64_t c = 0; c < b; ++c) Sr[c] += gv * xn[c];
         }
@@ -239,31 +241,32 @@ void sampled_blocks_any(const scalar_t* g, int64_t ldg, const scalar_t* x, int64
   }
 }
 
-// S[k] = g[:, row(k)*b : +b]^T @ x[:, col[k]*b : +b] for every block k of the forward layout.
-// Threads own disjoint ranges of blocks and walk N in chunks; every S[k] sums its rows
-// in the same order whatever the thread count (deterministic).
-template <typename scalar_t, typename acc_t>
-void sampled_gradient(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, const int64_t* crow,
-                      const int64_t* col, int64_t nrows, int64_t nnzb, int64_t b, int64_t N, acc_t* S) {
+// S[k] = sum_p g(p, row(k)*b : +b)^T x(p, col[k]*b : +b) for every block k of the forward
+// layout, over the P positions of g and x (make_layout() builds a thread's Layout of each).
+// Threads own disjoint ranges of blocks and walk the positions in chunks; every S[k] sums
+// its positions in the same order whatever the thread count (deterministic).
+template <typename scalar_t, typename acc_t, typename MakeLayouts>
+void sampled_gradient(MakeLayouts&& make_layouts, const int64_t* crow, const int64_t* col, int64_t nrows, int64_t nnzb,
+                      int64_t b, int64_t P, acc_t* S) {
   std::vector<int64_t> row_of(nnzb);
   for (int64_t i = 0; i < nrows; ++i) std::fill(row_of.begin() + crow[i], row_of.begin() + crow[i + 1], i);
   at::parallel_for(0, nnzb, 1, [&](int64_t begin, int64_t end) {
     std::fill(S + begin * b * b, S + end * b * b, acc_t(0));
+    const auto [g, x] = make_layouts();
     const bool done = with_fixed_block(b, [&](auto block) {
       constexpr int kB = decltype(block)::value;
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (use_avx512_bf16()) {
-          sampled_blocks_fixed<scalar_t, acc_t, kB, SampledBf16Pairs<kB>>(g, ldg, x, ldx, row_of.data(), col, begin,
-                                                                          end, N, S);
+          sampled_blocks_fixed<scalar_t, acc_t, kB, SampledBf16Pairs<kB>>(g, x, row_of.data(), col, begin, end, P, S);
           return;
         }
       }
 #endif
-      sampled_blocks_fixed<scalar_t, acc_t, kB, SampledWidened<scalar_t, acc_t, kB>>(g, ldg, x, ldx, row_of.data(),
-                                                                                     col, begin, end, N, S);
+      sampled_blocks_fixed<scalar_t, acc_t, kB, SampledWidened<scalar_t, acc_t, kB>>(g, x, row_of.data(), col, begin,
+                                                                                     end, P, S);
     });
-    if (!done) sampled_blocks_any<scalar_t, acc_t>(g, ldg, x, ldx, row_of.data(), col, begin, end, b, N, S);
+    if (!done) sampled_blocks_any<scalar_t, acc_t>(g, x, row_of.data(), col, begin, end, b, P, S);
   });
 }
 
@@ -338,15 +341,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsr_skip_add_backward(
     }
     if (output_mask[1] || output_mask[2]) {
       at::Tensor S = at::empty({s.nnzb, s.block, s.block}, x.options().dtype(acc_type));
+      const scalar_t *gp = gc.const_data_ptr<scalar_t>(), *xp = xc.const_data_ptr<scalar_t>();
+      const int64_t* cp = crow.const_data_ptr<int64_t>();
+      const int64_t* colp = col.const_data_ptr<int64_t>();
       if (x.dim() == 3) {
-        ff_sampled_gradient<scalar_t, acc_t>(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-                                             crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), s.nrows,
-                                             s.ncols, s.nnzb, s.block, x.size(0), x.size(2),
-                                             S.mutable_data_ptr<acc_t>());
+        const int64_t n = x.size(0), sp = x.size(2);
+        const auto layouts = [&] {
+          return std::pair{SpatialPositions<scalar_t>{gp, gc.size(1), sp, {}}, SpatialPositions<scalar_t>{xp, xc.size(1), sp, {}}};
+        };
+        sampled_gradient<scalar_t, acc_t>(layouts, cp, colp, s.nrows, s.nnzb, s.block, n * sp, S.mutable_data_ptr<acc_t>());
       } else {
-        sampled_gradient<scalar_t, acc_t>(gc.const_data_ptr<scalar_t>(), gc.size(1), xc.const_data_ptr<scalar_t>(),
-                                          xc.size(1), crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(),
-                                          s.nrows, s.nnzb, s.block, x.size(0), S.mutable_data_ptr<acc_t>());
+        const auto layouts = [&] {
+          return std::pair{RowPositions<scalar_t>{gp, gc.size(1)}, RowPositions<scalar_t>{xp, xc.size(1)}};
+        };
+        sampled_gradient<scalar_t, acc_t>(layouts, cp, colp, s.nrows, s.nnzb, s.block, x.size(0),
+                                          S.mutable_data_ptr<acc_t>());
       }
       if (output_mask[1]) dvalues = S.mul(a).to(values.scalar_type());
       if (output_mask[2]) dalpha = alpha_grad(S, values, alpha);

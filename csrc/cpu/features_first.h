@@ -4,17 +4,13 @@
 //   out[n] = alpha * M @ a[n] (+ branch[n])      out[n]: (D_out, S), a[n]: (D_in, S)
 //
 // over a compressed layout of b x b blocks (forward: M's rows; dx: M^T through the transposed
-// layout), and the sampled gradient
-//
-//   S_k = sum_n g[n][rows of block row i] @ x[n][rows of block column j]^T      (b x b)
-//
-// for every stored block k = (i, j), a reduction over n and S. The S positions are the SIMD
-// dimension: the kernels read x, branch and grad in place (no transposes). The block-row
+// layout). The S positions are the SIMD dimension: the kernel reads x and branch in place
+// (no transposes). (The sampled gradient of a features-first map is the features-last
+// kernel of bsr_skip_add.cpp reading its panels through positions.h.) The block-row
 // product packs a tile of S columns of every input row (widened to the accumulation type,
 // zero-padded to whole vectors) into a per-thread buffer that stays in L2 and runs
 // MR x (NV vectors) register tiles over it; any b works (the blocks' output rows are
-// zero-padded to whole micro-tiles). The sampled product sums fixed chunks of N and of S in
-// a fixed order, so every result is independent of the thread count.
+// zero-padded to whole micro-tiles).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -30,24 +26,47 @@
 
 namespace entskip::cpu {
 
-// The first n (0 < n <= W) elements at p as a vector, the rest zero.
+// The first n (0 < n <= W) elements at p as a vector, the rest zero; reads nothing past
+// p + n (an AVX-512 masked load where the build has one: the tails of S = H * W rows, 4 of
+// the 196 positions of a 14 x 14 map, would otherwise each take a variable-length memcpy).
 template <typename acc_t, typename scalar_t>
 inline simd::Vec<acc_t> load_first(const scalar_t* p, int64_t n) {
   constexpr int W = simd::Simd<acc_t>::W;
   if (n >= W) return simd::load<acc_t>(p);
-  scalar_t buf[W] = {};
+  alignas(64) scalar_t buf[W];
+#if defined(__AVX512BW__)
+  static_assert(W * sizeof(scalar_t) == 32 || W * sizeof(scalar_t) == 64, "a vector of storage is 32 or 64 bytes");
+  const uint64_t mask = (uint64_t(1) << (n * sizeof(scalar_t))) - 1;  // bytes
+  if constexpr (W * sizeof(scalar_t) == 64) {
+    _mm512_store_si512(buf, _mm512_maskz_loadu_epi8(mask, p));
+  } else {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(buf), _mm256_maskz_loadu_epi8(static_cast<uint32_t>(mask), p));
+  }
+#else
+  std::memset(buf, 0, sizeof(buf));
   std::memcpy(buf, p, n * sizeof(scalar_t));
+#endif
   return simd::load<acc_t>(buf);
 }
 
-// Stores the first n (0 < n <= W) lanes of v at p; writes nothing past p + n.
+// Stores the first n (0 < n <= W) lanes of v at p; writes nothing past p + n (a masked
+// store where the build has one, as load_first).
 template <typename acc_t, typename scalar_t>
 inline void store_first(scalar_t* p, const simd::Vec<acc_t>& v, int64_t n) {
   constexpr int W = simd::Simd<acc_t>::W;
   if (n >= W) return simd::store<acc_t>(p, v);
-  scalar_t buf[W];
+  alignas(64) scalar_t buf[W];
   simd::store<acc_t>(buf, v);
+#if defined(__AVX512BW__)
+  const uint64_t mask = (uint64_t(1) << (n * sizeof(scalar_t))) - 1;
+  if constexpr (W * sizeof(scalar_t) == 64) {
+    _mm512_mask_storeu_epi8(p, mask, _mm512_load_si512(buf));
+  } else {
+    _mm256_mask_storeu_epi8(p, static_cast<uint32_t>(mask), _mm256_load_si256(reinterpret_cast<const __m256i*>(buf)));
+  }
+#else
   std::memcpy(p, buf, n * sizeof(scalar_t));
+#endif
 }
 
 // Register tile of the features-first block-row product: MR output rows x NV vectors of S.
@@ -151,93 +170,6 @@ void ff_block_product(const scalar_t* a, int64_t d_a, const acc_t* B, const int6
           }
         }
       }
-    }
-  });
-}
-
-// Register tile of the sampled product: R rows of g x R rows of x, vectors along S.
-constexpr int kFfSampledTile = 4;
-
-// acc[r * R + c] += sum_{i < images} sum_{s < len} g[r][i * g_image + s] * x[c][i * x_image + s]
-// (lane-wise: vectors along s) for r, c < R = kFfSampledTile, rows given by pointers into the
-// first image. The accumulators live in memory between calls and in registers within one.
-template <typename scalar_t, typename acc_t>
-ENTSKIP_MICRO_KERNEL void ff_sampled_micro(const scalar_t* const* g, const scalar_t* const* x, int64_t g_image,
-                                           int64_t x_image, int64_t images, int64_t len, simd::Vec<acc_t>* acc) {
-  using V = simd::Vec<acc_t>;
-  constexpr int W = simd::Simd<acc_t>::W, R = kFfSampledTile;
-  V a[R][R];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < R; ++c) a[r][c] = acc[r * R + c];
-  for (int64_t i = 0; i < images; ++i) {
-    for (int64_t s = 0; s < len; s += W) {
-      V gv[R], xv[R];
-      for (int r = 0; r < R; ++r) gv[r] = load_first<acc_t>(g[r] + i * g_image + s, len - s);
-      for (int c = 0; c < R; ++c) xv[c] = load_first<acc_t>(x[c] + i * x_image + s, len - s);
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < R; ++c) a[r][c] += gv[r] * xv[c];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < R; ++c) acc[r * R + c] = a[r][c];
-}
-
-// Images per chunk of the sampled reduction and positions per pass over S: fixed, so the
-// partial sums (and their order) do not depend on the thread count.
-constexpr int64_t kFfSampledImages = 4, kFfSampledPositions = 512;
-
-// Sk[k][r][c] = sum_n sum_s g[n][row(k)*b + r][s] * x[n][col[k]*b + c][s] for every block k of
-// the layout (crow, col): g (N, nrows * b, S), x (N, ncols * b, S), contiguous; Sk (nnzb, b, b).
-// Work items are (chunk of kFfSampledImages images, block). An item keeps one vector
-// accumulator per entry of its block (lanes: positions), walks S in passes of
-// kFfSampledPositions (its rows of g and x for the chunk stay in L2) and R x R tiles of the
-// block within each, and adds the lanes up once at the end; the items' partials are added
-// in chunk order.
-template <typename scalar_t, typename acc_t>
-void ff_sampled_gradient(const scalar_t* g, const scalar_t* x, const int64_t* crow, const int64_t* col,
-                         int64_t nrows, int64_t ncols, int64_t nnzb, int64_t b, int64_t N, int64_t S, acc_t* Sk) {
-  using V = simd::Vec<acc_t>;
-  constexpr int R = kFfSampledTile, W = simd::Simd<acc_t>::W;
-  const int64_t bb = b * b, chunks = (N + kFfSampledImages - 1) / kFfSampledImages, tiles = (b + R - 1) / R;
-  std::vector<int64_t> row_of(nnzb);
-  for (int64_t i = 0; i < nrows; ++i) std::fill(row_of.begin() + crow[i], row_of.begin() + crow[i + 1], i);
-  std::vector<acc_t> partial(chunks * nnzb * bb, acc_t(0));
-  at::parallel_for(0, chunks * nnzb, 1, [&](int64_t begin, int64_t end) {
-    const scalar_t *gr[R], *xr[R];
-    std::vector<V> acc(tiles * tiles * R * R);
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t chunk = w / nnzb, k = w % nnzb, n0 = chunk * kFfSampledImages;
-      const int64_t images = std::min(N, n0 + kFfSampledImages) - n0;
-      std::fill(acc.begin(), acc.end(), V{});
-      const scalar_t* gk = g + (n0 * nrows + row_of[k]) * b * S;
-      const scalar_t* xk = x + (n0 * ncols + col[k]) * b * S;
-      for (int64_t s0 = 0; s0 < S; s0 += kFfSampledPositions) {
-        const int64_t len = std::min(kFfSampledPositions, S - s0);
-        for (int64_t t = 0; t < tiles; ++t) {
-          // Rows past b repeat the last row; their results are dropped.
-          for (int q = 0; q < R; ++q) gr[q] = gk + std::min<int64_t>(t * R + q, b - 1) * S + s0;
-          for (int64_t u = 0; u < tiles; ++u) {
-            for (int q = 0; q < R; ++q) xr[q] = xk + std::min<int64_t>(u * R + q, b - 1) * S + s0;
-            ff_sampled_micro<scalar_t, acc_t>(gr, xr, nrows * b * S, ncols * b * S, images, len,
-                                              acc.data() + (t * tiles + u) * R * R);
-          }
-        }
-      }
-      acc_t* out = partial.data() + w * bb;
-      for (int64_t r = 0; r < b; ++r)
-        for (int64_t c = 0; c < b; ++c) {
-          const V& v = acc[((r / R) * tiles + c / R) * R * R + (r % R) * R + c % R];
-          acc_t sum = 0;
-          for (int l = 0; l < W; ++l) sum += v[l];
-          out[r * b + c] = sum;
-        }
-    }
-  });
-  at::parallel_for(0, nnzb * bb, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      acc_t sum = 0;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * nnzb * bb + e];
-      Sk[e] = sum;
     }
   });
 }
