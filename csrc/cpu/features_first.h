@@ -76,27 +76,90 @@ struct FfBlocking {
   static constexpr int MR = 8, NV = 3;  // 24 accumulators of 32 registers
 };
 
-// out[m][:cols] = alpha * sum_{t in [t0, t1)} sum_k Bp[t][k][o0 + m] * P[idx[t] * b + k][:cols]
-// (+ branch[m][:cols]) for m < rows (<= MR), cols <= NV * W; rows of out and branch are ldo
-// apart. P: packed input rows (ldp apart, zero past the valid columns); Bp: (nnz, b, rpad)
-// blocks, Bp[t][k][o] mapping input feature k of block t to output feature o (zero for o >= b).
+// How ff_block_product packs its input tile and multiplies by the blocks. FfWidened: in the
+// accumulation type, one packed row per input feature, Bp (nnz, b, rpad) with Bp[t][k][o]
+// mapping input feature k of block t to output feature o (zero for o >= b).
+template <typename scalar_t, typename acc_t>
+struct FfWidened {
+  using packed_t = acc_t;
+  using block_t = acc_t;
+  static constexpr int kPair = 1;  // input features per packed row
+  static bool fits(int64_t /*b*/) { return true; }
+  // dst[:padded] = row0[:cols] widened, zero from cols on (row1 unused).
+  static void pack(packed_t* dst, const scalar_t* row0, const scalar_t* /*row1*/, int64_t cols, int64_t padded) {
+    constexpr int W = simd::Simd<acc_t>::W;
+    for (int64_t c = 0; c < padded; c += W) simd::store<acc_t>(dst + c, load_first<acc_t>(row0 + c, cols - c));
+  }
+  static block_t block(const acc_t* Bk, int64_t /*b*/, int64_t o) { return Bk[o]; }
+  static simd::Vec<acc_t> load(const packed_t* p) { return simd::load<acc_t>(p); }
+  template <int MR, int NV>
+  static void step(simd::Vec<acc_t> (&acc)[MR][NV], const block_t* Bk, const simd::Vec<acc_t> (&xv)[NV]) {
+    simd::outer_product_step<MR, NV>(acc, Bk, xv);
+  }
+};
+
+#if defined(__AVX512BF16__)
+// bfloat16 with AVX512-BF16 dot products (vdpbf16ps, as block_row_micro_bf16_pairs): packed
+// row q holds 32-bit words (a[2q][s], a[2q + 1][s]) and Bp[t][q][o] the pair (B[t][2q][o],
+// B[t][2q + 1][o]), so one instruction applies two input features. Needs an even b.
+struct FfBf16Pairs {
+  using packed_t = uint32_t;
+  using block_t = uint32_t;
+  static constexpr int kPair = 2;
+  static bool fits(int64_t b) { return b % 2 == 0; }
+  static void pack(packed_t* dst, const c10::BFloat16* row0, const c10::BFloat16* row1, int64_t cols,
+                   int64_t padded) {
+    using simd::U16x16, simd::U32x16;
+    for (int64_t c = 0; c < padded; c += 16) {
+      const simd::Vec<float> lo = load_first<float>(row0 + c, cols - c), hi = load_first<float>(row1 + c, cols - c);
+      U32x16 l, h;  // widened bfloat16 bits: the value in the upper half
+      std::memcpy(&l, &lo, sizeof(l));
+      std::memcpy(&h, &hi, sizeof(h));
+      const U32x16 words = (l >> 16) | (h & 0xFFFF0000u);
+      std::memcpy(dst + c, &words, sizeof(words));
+    }
+  }
+  static block_t block(const float* Bk, int64_t b, int64_t o) {
+    const auto bits = [](float f) { return static_cast<uint32_t>(c10::BFloat16(f).x); };
+    return bits(Bk[o]) | bits(Bk[b + o]) << 16;
+  }
+  static simd::Vec<float> load(const packed_t* p) {
+    simd::Vec<float> v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  template <int MR, int NV>
+  static void step(simd::Vec<float> (&acc)[MR][NV], const block_t* Bk, const simd::Vec<float> (&xv)[NV]) {
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh bm = (__m512bh)_mm512_set1_epi32(static_cast<int>(Bk[m]));
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], bm, (__m512bh)xv[v]);
+    }
+  }
+};
+#endif
+
+// out[m][:cols] = alpha * sum_{t in [t0, t1)} sum_{q < kb} Ops::step(Bp[t][q][o0 + m],
+// P[idx[t] * kb + q][:cols]) (+ branch[m][:cols]) for m < rows (<= MR), cols <= NV * W: kb =
+// b / Ops::kPair packed rows per block; rows of out and branch are ldo apart. P: packed input
+// rows (ldp apart, zero past the valid columns); Bp: (nnz, kb, rpad) in Ops' format.
 // Never inlined (see block_row_micro): every element is computed by the same code.
-template <typename scalar_t, typename acc_t, int MR, int NV>
-ENTSKIP_MICRO_KERNEL void ff_micro(const acc_t* P, int64_t ldp, const acc_t* Bp, int64_t b, int64_t rpad,
-                                   const int64_t* idx, int64_t t0, int64_t t1, int64_t o0, acc_t alpha,
-                                   const scalar_t* branch, scalar_t* out, int64_t ldo, int64_t rows, int64_t cols) {
+template <typename scalar_t, typename acc_t, typename Ops, int MR, int NV>
+ENTSKIP_MICRO_KERNEL void ff_micro(const typename Ops::packed_t* P, int64_t ldp, const typename Ops::block_t* Bp,
+                                   int64_t kb, int64_t rpad, const int64_t* idx, int64_t t0, int64_t t1, int64_t o0,
+                                   acc_t alpha, const scalar_t* branch, scalar_t* out, int64_t ldo, int64_t rows,
+                                   int64_t cols) {
   using V = simd::Vec<acc_t>;
   constexpr int W = simd::Simd<acc_t>::W;
   V acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = V{};
   for (int64_t t = t0; t < t1; ++t) {
-    const acc_t* Bt = Bp + t * b * rpad + o0;
-    const acc_t* Pt = P + idx[t] * b * ldp;
-    for (int64_t k = 0; k < b; ++k) {
+    const typename Ops::block_t* Bt = Bp + t * kb * rpad + o0;
+    const typename Ops::packed_t* Pt = P + idx[t] * kb * ldp;
+    for (int64_t q = 0; q < kb; ++q) {
       V xv[NV];
-      for (int v = 0; v < NV; ++v) xv[v] = simd::load<acc_t>(Pt + k * ldp + v * W);
-      simd::outer_product_step<MR, NV>(acc, Bt + k * rpad, xv);
+      for (int v = 0; v < NV; ++v) xv[v] = Ops::load(Pt + q * ldp + v * W);
+      Ops::template step<MR, NV>(acc, Bt + q * rpad, xv);
     }
   }
   const V va = simd::broadcast(alpha);
@@ -111,17 +174,59 @@ ENTSKIP_MICRO_KERNEL void ff_micro(const acc_t* P, int64_t ldp, const acc_t* Bp,
 }
 
 // ff_micro with NV = nv (1 <= nv <= FfBlocking::NV) vectors: the last chunk of a tile.
-template <typename scalar_t, typename acc_t, int NV = FfBlocking<acc_t>::NV>
-inline void ff_micro_nv(int64_t nv, const acc_t* P, int64_t ldp, const acc_t* Bp, int64_t b, int64_t rpad,
-                        const int64_t* idx, int64_t t0, int64_t t1, int64_t o0, acc_t alpha, const scalar_t* branch,
-                        scalar_t* out, int64_t ldo, int64_t rows, int64_t cols) {
+template <typename scalar_t, typename acc_t, typename Ops, int NV = FfBlocking<acc_t>::NV>
+inline void ff_micro_nv(int64_t nv, const typename Ops::packed_t* P, int64_t ldp, const typename Ops::block_t* Bp,
+                        int64_t kb, int64_t rpad, const int64_t* idx, int64_t t0, int64_t t1, int64_t o0, acc_t alpha,
+                        const scalar_t* branch, scalar_t* out, int64_t ldo, int64_t rows, int64_t cols) {
   if constexpr (NV > 1) {
     if (nv < NV)
-      return ff_micro_nv<scalar_t, acc_t, NV - 1>(nv, P, ldp, Bp, b, rpad, idx, t0, t1, o0, alpha, branch, out, ldo,
-                                                  rows, cols);
+      return ff_micro_nv<scalar_t, acc_t, Ops, NV - 1>(nv, P, ldp, Bp, kb, rpad, idx, t0, t1, o0, alpha, branch, out,
+                                                       ldo, rows, cols);
   }
-  ff_micro<scalar_t, acc_t, FfBlocking<acc_t>::MR, NV>(P, ldp, Bp, b, rpad, idx, t0, t1, o0, alpha, branch, out, ldo,
-                                                        rows, cols);
+  ff_micro<scalar_t, acc_t, Ops, FfBlocking<acc_t>::MR, NV>(P, ldp, Bp, kb, rpad, idx, t0, t1, o0, alpha, branch, out,
+                                                             ldo, rows, cols);
+}
+
+// ff_block_product with the packing and products of Ops (FfWidened, FfBf16Pairs).
+template <typename scalar_t, typename acc_t, typename Ops>
+void ff_block_product_with(const scalar_t* a, int64_t d_a, const acc_t* B, const int64_t* ptr, const int64_t* idx,
+                           int64_t nrows, int64_t b, int64_t N, int64_t S, acc_t alpha, const scalar_t* branch,
+                           scalar_t* out) {
+  using packed_t = typename Ops::packed_t;
+  constexpr int W = FfBlocking<acc_t>::W, MR = FfBlocking<acc_t>::MR, CW = FfBlocking<acc_t>::NV * W;
+  constexpr int pair = Ops::kPair;
+  const int64_t rpad = (b + MR - 1) / MR * MR, nnz = ptr[nrows], kb = b / pair, prows = d_a / pair;
+  std::vector<typename Ops::block_t> Bp(nnz * kb * rpad, typename Ops::block_t(0));
+  for (int64_t t = 0; t < nnz; ++t)
+    for (int64_t q = 0; q < kb; ++q)
+      for (int64_t o = 0; o < b; ++o) Bp[(t * kb + q) * rpad + o] = Ops::block(B + (t * b + q * pair) * b, b, o);
+  // Tile columns: whole chunks of CW, as many as fit the L2 budget, no more than S needs.
+  const int64_t fit = kTileBytes / (std::max<int64_t>(prows, 1) * static_cast<int64_t>(sizeof(packed_t)));
+  const int64_t tile = std::clamp<int64_t>(fit / CW, 1, (S + CW - 1) / CW) * CW;
+  const int64_t ntiles = (S + tile - 1) / tile, spatial = N * ntiles;
+  const int64_t groups = std::clamp<int64_t>((4 * at::get_num_threads() + spatial - 1) / spatial, 1, nrows);
+  const int64_t d_out = nrows * b;
+  at::parallel_for(0, spatial * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<packed_t> P(std::max<int64_t>(prows, 1) * tile);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t n = w / (ntiles * groups), s0 = (w / groups) % ntiles * tile, g = w % groups;
+      const int64_t cols = std::min(S - s0, tile), padded = (cols + W - 1) / W * W;
+      const scalar_t* an = a + n * d_a * S + s0;
+      for (int64_t r = 0; r < prows; ++r)
+        Ops::pack(P.data() + r * tile, an + r * pair * S, an + (r * pair + pair - 1) * S, cols, padded);
+      for (int64_t i = g * nrows / groups; i < (g + 1) * nrows / groups; ++i) {
+        for (int64_t o0 = 0; o0 < b; o0 += MR) {
+          const int64_t first = n * d_out * S + (i * b + o0) * S + s0;
+          for (int64_t c0 = 0; c0 < cols; c0 += CW) {
+            const int64_t cc = std::min<int64_t>(CW, cols - c0);
+            ff_micro_nv<scalar_t, acc_t, Ops>((cc + W - 1) / W, P.data() + c0, tile, Bp.data(), kb, rpad, idx, ptr[i],
+                                              ptr[i + 1], o0, alpha, branch != nullptr ? branch + first + c0 : nullptr,
+                                              out + first + c0, S, std::min<int64_t>(MR, b - o0), cc);
+          }
+        }
+      }
+    }
+  });
 }
 
 // out[n][i*b : +b][:] = alpha * sum_{t = ptr[i]}^{ptr[i+1]-1} B[t]^T @ a[n][idx[t]*b : +b][:]
@@ -130,48 +235,24 @@ inline void ff_micro_nv(int64_t nv, const acc_t* P, int64_t ldp, const acc_t* Bp
 // feature k of block t to output feature o (the convention of block_row_product).
 //
 // Work items are (image, tile of S columns, group of block rows): each packs its tile of
-// a[n] (all d_a rows, widened, zero-padded to whole vectors) into a per-thread buffer and
-// writes every output element of its rows and columns once. Groups split the block rows
-// only when images x tiles leave threads idle (N = 1, small S).
+// a[n] (all d_a rows, widened or as bfloat16 pairs, zero-padded to whole vectors) into a
+// per-thread buffer and writes every output element of its rows and columns once. Groups
+// split the block rows only when images x tiles leave threads idle (N = 1, small S).
 template <typename scalar_t, typename acc_t>
 void ff_block_product(const scalar_t* a, int64_t d_a, const acc_t* B, const int64_t* ptr, const int64_t* idx,
                       int64_t nrows, int64_t b, int64_t N, int64_t S, acc_t alpha, const scalar_t* branch,
                       scalar_t* out) {
-  constexpr int W = FfBlocking<acc_t>::W, MR = FfBlocking<acc_t>::MR, CW = FfBlocking<acc_t>::NV * W;
   if (N == 0 || S == 0 || nrows == 0) return;
-  const int64_t rpad = (b + MR - 1) / MR * MR, nnz = ptr[nrows];
-  std::vector<acc_t> Bp(nnz * b * rpad, acc_t(0));
-  for (int64_t t = 0; t < nnz; ++t)
-    for (int64_t k = 0; k < b; ++k) std::copy_n(B + (t * b + k) * b, b, Bp.data() + (t * b + k) * rpad);
-  // Tile columns: whole chunks of CW, as many as fit the L2 budget, no more than S needs.
-  const int64_t fit = kTileBytes / (std::max<int64_t>(d_a, 1) * static_cast<int64_t>(sizeof(acc_t)));
-  const int64_t tile = std::clamp<int64_t>(fit / CW, 1, (S + CW - 1) / CW) * CW;
-  const int64_t ntiles = (S + tile - 1) / tile, spatial = N * ntiles;
-  const int64_t groups = std::clamp<int64_t>((4 * at::get_num_threads() + spatial - 1) / spatial, 1, nrows);
-  const int64_t d_out = nrows * b;
-  at::parallel_for(0, spatial * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> P(std::max<int64_t>(d_a, 1) * tile);
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t n = w / (ntiles * groups), s0 = (w / groups) % ntiles * tile, g = w % groups;
-      const int64_t cols = std::min(S - s0, tile), padded = (cols + W - 1) / W * W;
-      const scalar_t* an = a + n * d_a * S + s0;
-      for (int64_t r = 0; r < d_a; ++r) {
-        acc_t* Pr = P.data() + r * tile;
-        for (int64_t c = 0; c < padded; c += W) simd::store<acc_t>(Pr + c, load_first<acc_t>(an + r * S + c, cols - c));
-      }
-      for (int64_t i = g * nrows / groups; i < (g + 1) * nrows / groups; ++i) {
-        for (int64_t o0 = 0; o0 < b; o0 += MR) {
-          const int64_t first = n * d_out * S + (i * b + o0) * S + s0;
-          for (int64_t c0 = 0; c0 < cols; c0 += CW) {
-            const int64_t cc = std::min<int64_t>(CW, cols - c0);
-            ff_micro_nv<scalar_t, acc_t>((cc + W - 1) / W, P.data() + c0, tile, Bp.data(), b, rpad, idx, ptr[i],
-                                         ptr[i + 1], o0, alpha, branch != nullptr ? branch + first + c0 : nullptr,
-                                         out + first + c0, S, std::min<int64_t>(MR, b - o0), cc);
-          }
-        }
-      }
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (use_avx512_bf16() && FfBf16Pairs::fits(b)) {
+      return ff_block_product_with<scalar_t, acc_t, FfBf16Pairs>(a, d_a, B, ptr, idx, nrows, b, N, S, alpha, branch,
+                                                                 out);
     }
-  });
+  }
+#endif
+  ff_block_product_with<scalar_t, acc_t, FfWidened<scalar_t, acc_t>>(a, d_a, B, ptr, idx, nrows, b, N, S, alpha,
+                                                                     branch, out);
 }
 
 }  // namespace entskip::cpu
