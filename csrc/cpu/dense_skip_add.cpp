@@ -12,10 +12,12 @@
 // x may also be features-first, (N, D_in, S) (an NCHW map, S = H * W), with branch, grad, y
 // and dx in the same format: y[n] = alpha * W @ x[n] + branch[n], dx[n] = alpha * W^T @ g[n],
 // dW = alpha * sum_n g[n] @ x[n]^T (accumulated in float32, float64 for float64). These run
-// one ATen GEMM per image on views of the inputs, called one after the other from this
-// thread (ATen threads each); the block-row kernel is not used for them.
+// one ATen GEMM per image on views of the inputs: y and dx with the images spread over the
+// threads (one thread per GEMM), dW one image after the other into one accumulator (ATen
+// threads each); the block-row kernel is not used for them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -61,8 +63,14 @@ at::Tensor scaled_product(const at::Tensor& x, const at::Tensor& mat, double a, 
   if (x.dim() == 2) {
     scaled_mm_into(out, x, mat.t(), a, branch);
   } else {
-    for (int64_t n = 0; n < x.size(0); ++n)
-      scaled_mm_into(out[n], mat, x[n], a, branch.defined() ? branch[n] : at::Tensor());
+    // Images in parallel, each GEMM on one thread (BLAS runs single-threaded inside a parallel
+    // region), run in the workers with this thread's state (dispatch keys, grad mode).
+    const at::ThreadLocalState state;
+    at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard same(state);
+      for (int64_t n = begin; n < end; ++n)
+        scaled_mm_into(out[n], mat, x[n], a, branch.defined() ? branch[n] : at::Tensor());
+    });
   }
   return out;
 }
