@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 
+import entskip
 from entskip import bench
 from entskip.bench.peers import METHODS
 
@@ -103,3 +104,19 @@ def test_conv_grid_times_both_formats_and_checks_the_targets(tmp_path):
     pytest.importorskip("matplotlib")
     conv.plot(records, tmp_path / "conv.png", "smoke")
     assert (tmp_path / "conv.png").stat().st_size > 0
+
+
+def test_alternating_steps_time_both_models_and_report_per_round_ratios():
+    from entskip.bench import model_steps
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1000))
+    entangled = torch.nn.Sequential(torch.nn.Flatten(), entskip.EntangledResidual(torch.nn.Identity(), 192, alpha=0.9),
+                                    torch.nn.Linear(3 * 8 * 8, 1000))
+    images, labels = model_steps._inputs(2, 8)
+    rec = model_steps.alternating_steps({"plain": plain, "entangled": entangled}, images, labels, steps=3, warmup=1)
+    assert {len(v) for v in rec["samples_ms"].values()} == {3}
+    assert all(_positive(rec[k]) for k in ("plain_ms", "entangled_ms", "ratio", "ratio_min", "ratio_max"))
+    assert rec["ratio_min"] <= rec["ratio"] <= rec["ratio_max"]
+    assert "plain" in model_steps.describe({"status": "ok", "batch": 2, "model": "toy", **rec})
+    assert model_steps.describe({"status": "n/a", "reason": "no timm"}) == "n/a (no timm)"

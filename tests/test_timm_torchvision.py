@@ -212,3 +212,17 @@ def test_torchvision_resnet_entangled_in_both_memory_formats_trains_and_compiles
     assert_close(loss_a, loss_b, torch.float64, "loss, NCHW vs channels_last")
     assert_close(g_a, g_b, torch.float64, "alpha gradients, NCHW vs channels_last", scale=max(1.0, float(g_a.abs().max())))
     assert_close(y_a, y_b, torch.float64, "logits after the step, NCHW vs channels_last")
+
+
+def test_model_steps_of_the_benchmark_run_timm_and_both_resnet_formats():
+    """``python -m entskip.bench --timm-step --resnet-step`` on tiny inputs: every entry timed."""
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision.models")
+    from entskip.bench import model_steps
+
+    vit = model_steps.timm_step(steps=1, warmup=0, batch=2)
+    assert vit["status"] == "ok" and vit["plain_ms"] > 0 and vit["entangled_ms"] > 0
+    nets = model_steps.resnet_steps(names=("resnet18",), steps=1, warmup=0, batch=2, size=64)
+    assert nets["status"] == "ok"
+    assert [(r["model"], r["format"]) for r in nets["results"]] == [("resnet18", "nchw"), ("resnet18", "channels_last")]
+    assert all(r["plain_ms"] > 0 and r["entangled_ms"] > 0 for r in nets["results"])

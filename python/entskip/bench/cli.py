@@ -76,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--timm-step", action="store_true",
         help="also (or, without --skips, only) a timm vit_tiny_patch16_224 training step, plain vs entangled",
     )
+    p.add_argument(
+        "--resnet-step", action="store_true",
+        help="also (or, without --skips, only) torchvision resnet18/resnet50 training steps in both memory "
+             "formats, plain vs entangled (sparse 1/4)",
+    )
     args = p.parse_args(argv)
 
     if args.device is None:
@@ -110,7 +115,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     if args.conv:
         return _main_conv(args)
-    if args.skips or args.timm_step:
+    if args.skips or args.timm_step or args.resnet_step:
         return _main_skips(args)
     start = time.perf_counter()
     device = torch.device(args.device)
@@ -160,30 +165,30 @@ def main(argv=None) -> Path:
 
 
 def _main_skips(args) -> Path:
-    """``--skips`` / ``--timm-step``: the elementwise-skip grid and the ViT-Ti step (:mod:`.skips`)."""
-    from . import skips
+    """``--skips`` / ``--timm-step`` / ``--resnet-step``: the elementwise-skip grid (:mod:`.skips`)
+    and the whole-model training steps (:mod:`.model_steps`), in one JSON."""
+    from . import model_steps, skips
 
     start = time.perf_counter()
     device = torch.device(args.device)
     env = environment(device)
-    stem = f"entskip-bench-skips-{device.type}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    kind = "skips" if args.skips else "steps"
+    stem = f"entskip-bench-{kind}-{device.type}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     payload = {**env, "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "backend": {"requested": args.backend, "resolved": [_backend_in_use(device)]}}
-    if args.skips:
-        repeats = args.repeats if args.repeats != SIZES[args.device]["repeats"] else 15
-        with entskip.use_backend(args.backend[0]):
+    with entskip.use_backend(args.backend[0]):
+        if args.skips:
+            repeats = args.repeats if args.repeats != SIZES[args.device]["repeats"] else 15
             records = skips.run_grid(device, args.dtypes, repeats, backward=not args.no_backward)
-        print(skips.table(records), flush=True)
-        payload.update(repeats=repeats, targets={f"{m} {p}": t for (m, p), t in skips.TARGETS.items()}, results=records)
-    if args.timm_step:
-        with entskip.use_backend(args.backend[0]):
-            payload["timm_step"] = step = skips.timm_step()
-        if step["status"] == "ok":
-            print(f"\ntimm vit_tiny_patch16_224 training step, batch 16: plain {step['plain_ms']:.1f} ms, "
-                  f"entangled {step['entangled_ms']:.1f} ms, ratio {step['ratio']:.3f} "
-                  f"({'met' if step['target']['met'] else 'MISSED'} <= 1.03)")
-        else:
-            print(f"\ntimm step: n/a ({step['reason']})")
+            print(skips.table(records), flush=True)
+            payload.update(repeats=repeats, targets={f"{m} {p}": t for (m, p), t in skips.TARGETS.items()},
+                           results=records)
+        if args.timm_step:
+            payload["timm_step"] = step = model_steps.timm_step()
+            print(f"\ntimm training step: {model_steps.describe(step)}", flush=True)
+        if args.resnet_step:
+            payload["resnet_step"] = step = model_steps.resnet_steps()
+            print(f"\ntorchvision training steps (sparse 1/4, block 16):\n{model_steps.describe(step)}", flush=True)
     payload["wall_s"] = time.perf_counter() - start
     path = args.out / f"{stem}.json"
     write_json(path, payload)
@@ -208,7 +213,7 @@ def _main_conv(args) -> Path:
     print(conv.table(records), flush=True)
     path = args.out / f"{stem}.json"
     write_json(path, {
-        **env, "commit": conv.commit(REPO), "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **env, "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "backend": {"requested": args.backend, "resolved": [_backend_in_use(device)]}, "repeats": repeats,
         "batch_override": batch, "targets": {"nchw_vs_channels_last": conv.NCHW_LIMIT,
                                              "sparse_vs_conv1x1": conv.SPARSE_LIMIT, "dense_vs_conv1x1": conv.DENSE_LIMIT},

@@ -19,7 +19,6 @@ at most 1/4; a dense ``M`` no slower than ``conv1x1+r``.
 from __future__ import annotations
 
 import operator
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -162,14 +161,3 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def commit(repo: Path) -> str | None:
-    """The source tree's git commit (with ``-dirty`` for uncommitted changes), None outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
-                               text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

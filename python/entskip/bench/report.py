@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import sys
 from itertools import groupby
 from pathlib import Path
@@ -38,6 +39,33 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The ISA features the CPU kernels are built for, as /proc/cpuinfo names them.
+_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vp2intersect", "avx_vnni", "amx_bf16")
+
+
+def _cpu_flags() -> list[str] | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in _CPU_FLAGS if flag in have]
+    except OSError:
+        pass
+    return None
+
+
+def commit(repo: Path = Path(__file__).resolve().parents[3]) -> str | None:
+    """The source tree's git commit (with ``-dirty`` for uncommitted changes), None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -47,10 +75,11 @@ def _version(dist: str) -> str | None:
 
 def environment(device: torch.device) -> dict:
     """Machine (with its load average: other work skews CPU timings), threading
-    environment variables, library versions and date of this run."""
+    environment variables, library versions, source commit and date of this run."""
     machine = {
         "platform": platform.platform(),
         "cpu": _cpu_name(),
+        "cpu_flags": _cpu_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -63,6 +92,7 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": [Path(sys.executable).name, "-m", "entskip.bench", *sys.argv[1:]],
         "device": str(device),
+        "commit": commit(),
         "machine": machine,
         "environment_variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)},
         "versions": {

@@ -17,14 +17,11 @@ are checked against the medians: identity forward within 1.2x of ``torch.add``, 
 fwd+bwd within 1.5x of ``x + r``'s, permutation forward within 1.5x and fwd+bwd within 2x
 of ``x + r``'s.
 
-``--timm-step`` times a timm ``vit_tiny_patch16_224`` training step (batch 16, SGD) plain
-and after ``entskip.entangle(model, mapping="identity", schedule="decay", alpha_min=0.8)``,
-alternating the two models step by step; the target is within 3 %.
+``--timm-step`` (:mod:`.model_steps`) times a timm ViT-Ti training step plain and entangled.
 """
 
 from __future__ import annotations
 
-import copy
 import operator
 import statistics
 import time
@@ -141,41 +138,3 @@ def table(records: list[dict]) -> str:
             target = "" if t is None else f"{t['ratio']:.2f}x of {t['versus']} <= {t['max_ratio']}: {'met' if t['met'] else 'MISSED'}"
             lines.append(f"{r['label']:<30}{r['median_ms']:>10.3f}{r['vs_add']:>8.2f}x{r['vs_torch_add']:>13.2f}x  {target}")
     return "\n".join(lines[1:])
-
-
-def timm_step(steps: int = 10, warmup: int = 3, batch: int = 16) -> dict:
-    """A vit_tiny_patch16_224 training step (forward, cross-entropy, backward, SGD), plain and
-    entangled (identity, decay to 0.8), alternating step by step; medians in ms."""
-    try:
-        import timm
-    except Exception as err:  # timm needs torchvision, which may not import beside this torch
-        return {"status": "n/a", "reason": f"{type(err).__name__}: {err}"}
-    torch.manual_seed(0)
-    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    entangled = entskip.entangle(copy.deepcopy(plain), mapping="identity", schedule="decay", alpha_min=0.8)
-    models = {"plain": plain, "entangled": entangled}
-    optims = {name: torch.optim.SGD(m.parameters(), lr=1e-3) for name, m in models.items()}
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, 224, 224, generator=gen)
-    labels = torch.randint(0, 1000, (batch,), generator=gen)
-
-    def step(name):
-        optims[name].zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(models[name](images), labels)
-        loss.backward()
-        optims[name].step()
-
-    times = {name: [] for name in models}
-    for i in range(warmup + steps):
-        for name in models:
-            t0 = time.perf_counter()
-            step(name)
-            if i >= warmup:
-                times[name].append(1e3 * (time.perf_counter() - t0))
-    med = {name: statistics.median(t) for name, t in times.items()}
-    ratio = med["entangled"] / med["plain"]
-    return {
-        "status": "ok", "model": "vit_tiny_patch16_224", "batch": batch, "steps": steps, "warmup": warmup,
-        "timm": timm.__version__, "plain_ms": med["plain"], "entangled_ms": med["entangled"],
-        "samples_ms": times, "ratio": ratio, "target": {"max_ratio": 1.03, "met": ratio <= 1.03},
-    }
