@@ -137,7 +137,7 @@ def _alpha(dtype, value=0.7):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("n,s", [(0, 7), (3, 0), (1, 1), (2, 17), (5, 64)])
+@pytest.mark.parametrize("n,s", [(0, 7), (3, 0), (1, 1), (2, 17), (5, 64), (3, 49)])
 def test_bsr_ops_3d_match_reference(dtype, n, s, poisoned):
     m = mappings.sparse(64, density=0.5, block=16, seed=3)
     values, *layout = _bsr_args(m, dtype)

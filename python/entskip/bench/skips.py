@@ -82,14 +82,19 @@ def runner(compute, inputs, grad: torch.Tensor | None) -> Runner:
 
 
 def interleaved_ms(runners: dict[str, Runner], repeats: int, warmup: int = 5) -> dict[str, list[float]]:
-    """Per-call times in ms, one call of each runner per round (CPU wall clock)."""
+    """Per-call times in ms, one call of each runner per round (CPU wall clock). Each round
+    starts one runner later than the one before, so that every runner takes every place in
+    the order alike (what a call finds, a fresh allocation's page faults or idle threads,
+    depends on what ran before it)."""
     for runner in runners.values():
         for _ in range(warmup):
             runner.reset()
             runner.step()
     times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, runner in runners.items():
+    names = list(runners)
+    for k in range(repeats):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            runner = runners[name]
             runner.reset()
             t0 = time.perf_counter()
             out = runner.step()
