@@ -59,7 +59,7 @@ inline at::Tensor sum_partials(const std::vector<double>& partials, const at::Te
 template <typename F>
 std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& x, const at::Tensor& alpha,
                                             std::array<bool, 2> output_mask, int64_t partial_count, F&& run) {
-  at::Tensor dx = output_mask[0] ? empty_output(x.sizes(), x.options())
+  at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
                                  : at::Tensor();
   std::vector<double> partials(output_mask[1] ? partial_count : 0);
   if (x.numel() > 0 && (output_mask[0] || output_mask[1])) {

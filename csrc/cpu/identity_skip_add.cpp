@@ -79,7 +79,7 @@ at::Tensor identity_skip_add(const at::Tensor& x, const at::Tensor& alpha, const
   check_alpha(alpha, x);
   if (branch.has_value()) check_like(*branch, x, "branch");
   const double a = alpha_value(alpha);
-  at::Tensor y = empty_output(x.sizes(), x.options());
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t total = x.numel();
   if (total == 0) return y;
   const Rows xr = as_rows(x);

@@ -89,7 +89,7 @@ at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, co
   if (branch.has_value()) check_like(*branch, x, "branch");
   const std::vector<int32_t> idx = checked_permutation(index, inverse, x, index);
   const double a = alpha_value(alpha);
-  at::Tensor y = empty_output(x.sizes(), x.options());
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.numel() == 0) return y;
   const Rows xr = as_rows(x);
   const Rows br = branch.has_value() ? as_rows(*branch) : xr;
