@@ -12,15 +12,16 @@
 // x may also be features-first, (N, D_in, S) (an NCHW map, S = H * W), with branch, grad, y
 // and dx in the same format: y[n] = alpha * W @ x[n] + branch[n], dx[n] = alpha * W^T @ g[n],
 // dW = alpha * sum_n g[n] @ x[n]^T (accumulated in float32, float64 for float64). These run
-// one ATen GEMM per image on views of the inputs: y and dx with the images spread over the
-// threads (one thread per GEMM), dW one image after the other into one accumulator (ATen
-// threads each); the block-row kernel is not used for them.
+// one ATen GEMM per image on views of the inputs, the images spread over the threads (one
+// thread per GEMM; dW sums fixed groups of images, see image_sum_of_products); the block-row
+// kernel is not used for them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -73,6 +74,32 @@ at::Tensor scaled_product(const at::Tensor& x, const at::Tensor& mat, double a, 
     });
   }
   return out;
+}
+
+// Bytes of the per-group partial sums of image_sum_of_products.
+constexpr int64_t kGroupSumBytes = int64_t{64} << 20;
+
+// sum_n g[n] @ x[n]^T for features-first g (N, D_out, S) and x (N, D_in, S), in dtype acc.
+// The images are cut into G consecutive groups, G fixed by the shape (at most 8, and G
+// partials of D_out x D_in within kGroupSumBytes): each group sums its images' GEMMs in
+// order on one thread, the groups run in parallel, and their partials are added in group
+// order, so the result does not depend on the thread count.
+at::Tensor image_sum_of_products(const at::Tensor& g, const at::Tensor& x, at::ScalarType acc) {
+  const int64_t n = x.size(0), d_out = g.size(1), d_in = x.size(1);
+  const int64_t partial_bytes = std::max<int64_t>(d_out * d_in * at::elementSize(acc), 1);
+  const int64_t groups = std::clamp<int64_t>(std::min<int64_t>(n, kGroupSumBytes / partial_bytes), 1, 8);
+  const at::Tensor partials = at::zeros({groups, d_out, d_in}, x.options().dtype(acc));
+  const at::ThreadLocalState state;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard same(state);
+    for (int64_t k = begin; k < end; ++k) {
+      at::Tensor part = partials[k];
+      for (int64_t i = k * n / groups; i < (k + 1) * n / groups; ++i) part.addmm_(g[i].to(acc), x[i].to(acc).t());
+    }
+  });
+  at::Tensor s = partials[0].clone();
+  for (int64_t k = 1; k < groups; ++k) s.add_(partials[k]);
+  return s;
 }
 
 // The block size for which W (d_out x d_in) is whole blocks, 0 if none.
@@ -214,8 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at:
     const auto t = x.scalar_type(), acc = t == at::kDouble ? at::kDouble : at::kFloat;
     at::Tensor s;
     if (x.dim() == 3) {
-      s = at::zeros({weight.size(0), weight.size(1)}, x.options().dtype(acc));
-      for (int64_t n = 0; n < x.size(0); ++n) s.addmm_(grad[n].to(acc), x[n].to(acc).t());
+      s = image_sum_of_products(grad, x, acc);
     } else {
       s = t == at::kBFloat16 && !use_block_kernel(t) ? at::mm(grad.t(), x) : at::mm(grad.t().to(acc), x.to(acc));
     }
