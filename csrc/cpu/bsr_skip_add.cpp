@@ -11,8 +11,9 @@
 // x may also be features-first, (N, D_in, S) (an NCHW map with S = H * W), with branch,
 // grad, y and dx in the same format: per image y[n][i] = alpha * sum_k V_k @ x[n][col[k]] +
 // branch[n][i] ([i]: the i-th group of b rows), dx[n][j] = alpha * sum_t V_{perm[t]}^T @
-// g[n][row[t]], dS_k = sum_n g[n][row(k)] @ x[n][col[k]]^T, read in place by the kernels of
-// features_first.h.
+// g[n][row[t]], dS_k = sum_n g[n][row(k)] @ x[n][col[k]]^T: the forward and dx by the
+// kernels of features_first.h, dS by the sampled kernel below over the N * S positions
+// (positions.h), all reading the maps in place.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
