@@ -28,7 +28,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from . import backends, versions
+from . import backends, formats, versions
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 TRITON_BLOCKS = (16, 32, 64)  # power-of-two tiles of at least 16 (tl.dot) that fit without spills
@@ -106,7 +106,7 @@ def _check_rows(t: Tensor | None, name: str, x: Tensor, features: int) -> None:
     """``t`` is ``x``'s layout with ``features`` features: ``(rows, features)`` or ``(N, features, S)``."""
     if t is None:
         return
-    expected = (x.shape[0], features) + tuple(x.shape[2:])
+    expected = tuple(formats.with_features(x, features))
     if tuple(t.shape) != expected:
         layout = "(rows, D_out) like x (rows, D_in)" if x.dim() == 2 else "(N, D_out, S) like x (N, D_in, S)"
         raise ValueError(f"{name} must have shape {expected}, {layout}, got {tuple(t.shape)}")
