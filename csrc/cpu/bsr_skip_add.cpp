@@ -196,16 +196,13 @@ void sampled_blocks_fixed(const Layout& g, const Layout& x, const int64_t* row_o
   std::vector<panel_t> panels(npanels * chunk * B);
   panel_t* const xp = panels.data();
   panel_t* const gp = panels.data() + x_count * chunk * B;
-  std::vector<panel_t*> dsts(npanels);
+  // The first feature of each panel: x's block columns, then g's block rows.
   std::vector<int64_t> f0s(npanels);
-  for (int64_t j = 0; j < npanels; ++j) {
-    dsts[j] = panels.data() + j * chunk * B;
-    f0s[j] = (j < x_count ? x_cols[j] : g_first + j - x_count) * B;
-  }
+  for (int64_t j = 0; j < npanels; ++j) f0s[j] = (j < x_count ? x_cols[j] : g_first + j - x_count) * B;
   for (int64_t p0 = 0; p0 < P; p0 += chunk * step) {
     const int64_t steps = (std::min(P - p0, chunk * step) + step - 1) / step;
-    x.template pack<Ops, B>(dsts.data(), f0s.data(), x_count, p0, steps, P);
-    g.template pack<Ops, B>(dsts.data() + x_count, f0s.data() + x_count, g_count, p0, steps, P);
+    x.template pack<Ops, B>(xp, chunk * B, f0s.data(), x_count, p0, steps, P);
+    g.template pack<Ops, B>(gp, chunk * B, f0s.data() + x_count, g_count, p0, steps, P);
     for (int64_t k = begin; k < end; ++k) {
       const panel_t* gk = gp + (row_of[k] - g_first) * chunk * B;
       const panel_t* xk = xp + x_panel[k - begin] * chunk * B;

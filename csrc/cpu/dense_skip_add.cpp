@@ -55,6 +55,18 @@ void scaled_mm_into(at::Tensor out, const at::Tensor& m1, const at::Tensor& m2, 
   }
 }
 
+// fn(begin, end) over [0, count) by at::parallel_for, the workers running with this thread's
+// state (dispatch keys, grad mode), so that the ATen calls inside dispatch as they would
+// here. A BLAS call inside runs single-threaded (a parallel region's nested calls do).
+template <typename Fn>
+void parallel_with_caller_state(int64_t count, Fn&& fn) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard same(state);
+    fn(begin, end);
+  });
+}
+
 // y = a * (W @ x) + branch on x's format: x (rows, D_in) computes x @ W^T (mat = W^T, on the
 // right); x (N, D_in, S) computes W @ x[n] per image (mat = W, on the left). out is a new
 // tensor of features_shape(x, d_out), its pages mapped.
@@ -64,11 +76,8 @@ at::Tensor scaled_product(const at::Tensor& x, const at::Tensor& mat, double a, 
   if (x.dim() == 2) {
     scaled_mm_into(out, x, mat.t(), a, branch);
   } else {
-    // Images in parallel, each GEMM on one thread (BLAS runs single-threaded inside a parallel
-    // region), run in the workers with this thread's state (dispatch keys, grad mode).
-    const at::ThreadLocalState state;
-    at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
-      const at::ThreadLocalStateGuard same(state);
+    // Images in parallel, each GEMM on one thread.
+    parallel_with_caller_state(x.size(0), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n)
         scaled_mm_into(out[n], mat, x[n], a, branch.defined() ? branch[n] : at::Tensor());
     });
@@ -89,9 +98,7 @@ at::Tensor image_sum_of_products(const at::Tensor& g, const at::Tensor& x, at::S
   const int64_t partial_bytes = std::max<int64_t>(d_out * d_in * at::elementSize(acc), 1);
   const int64_t groups = std::clamp<int64_t>(std::min<int64_t>(n, kGroupSumBytes / partial_bytes), 1, 8);
   const at::Tensor partials = at::zeros({groups, d_out, d_in}, x.options().dtype(acc));
-  const at::ThreadLocalState state;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard same(state);
+  parallel_with_caller_state(groups, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       at::Tensor part = partials[k];
       for (int64_t i = k * n / groups; i < (k + 1) * n / groups; ++i) part.addmm_(g[i].to(acc), x[i].to(acc).t());

@@ -26,6 +26,14 @@
 
 namespace entskip::cpu {
 
+#if defined(__AVX512BW__)
+// The byte mask of the first n elements of type T (n * sizeof(T) < 64: a partial vector).
+template <typename T>
+inline uint64_t first_bytes(int64_t n) {
+  return (uint64_t(1) << (n * sizeof(T))) - 1;
+}
+#endif
+
 // The first n (0 < n <= W) elements at p as a vector, the rest zero; reads nothing past
 // p + n (an AVX-512 masked load where the build has one: the tails of S = H * W rows, 4 of
 // the 196 positions of a 14 x 14 map, would otherwise each take a variable-length memcpy).
@@ -36,7 +44,7 @@ inline simd::Vec<acc_t> load_first(const scalar_t* p, int64_t n) {
   alignas(64) scalar_t buf[W];
 #if defined(__AVX512BW__)
   static_assert(W * sizeof(scalar_t) == 32 || W * sizeof(scalar_t) == 64, "a vector of storage is 32 or 64 bytes");
-  const uint64_t mask = (uint64_t(1) << (n * sizeof(scalar_t))) - 1;  // bytes
+  const uint64_t mask = first_bytes<scalar_t>(n);
   if constexpr (W * sizeof(scalar_t) == 64) {
     _mm512_store_si512(buf, _mm512_maskz_loadu_epi8(mask, p));
   } else {
@@ -58,7 +66,7 @@ inline void store_first(scalar_t* p, const simd::Vec<acc_t>& v, int64_t n) {
   alignas(64) scalar_t buf[W];
   simd::store<acc_t>(buf, v);
 #if defined(__AVX512BW__)
-  const uint64_t mask = (uint64_t(1) << (n * sizeof(scalar_t))) - 1;
+  const uint64_t mask = first_bytes<scalar_t>(n);
   if constexpr (W * sizeof(scalar_t) == 64) {
     _mm512_mask_storeu_epi8(p, mask, _mm512_load_si512(buf));
   } else {

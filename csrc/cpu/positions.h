@@ -4,8 +4,8 @@
 // positions p in order and pack, per chunk of positions, B consecutive features of each
 // position into the contiguous panels their micro-kernels read:
 //
-//   pack<Ops, B>(dsts, f0s, count, p0, steps, P)
-//     for every panel j < count: dsts[j][q * B + c] holds feature f0s[j] + c of the
+//   pack<Ops, B>(panels, ld, f0s, count, p0, steps, P)
+//     for every panel j < count: panels[j * ld + q * B + c] holds feature f0s[j] + c of the
 //     position(s) of panel row q < steps (Ops::kRowsPerStep consecutive positions from
 //     p0 + q * kRowsPerStep; a position >= P counts as zeros), written by Ops::pack;
 //   at(p, f) / feature_stride: element (p, f) and the distance between features f, f + 1.
@@ -28,13 +28,14 @@ struct RowPositions {
 
   // Row by row, every panel of a row before the next row: each row is read once, in order.
   template <typename Ops, int B, typename panel_t>
-  void pack(panel_t* const* dsts, const int64_t* f0s, int64_t count, int64_t p0, int64_t steps, int64_t P) const {
+  void pack(panel_t* panels, int64_t ld, const int64_t* f0s, int64_t count, int64_t p0, int64_t steps,
+            int64_t P) const {
     constexpr int step = Ops::kRowsPerStep;
     for (int64_t q = 0; q < steps; ++q) {
       const int64_t p = p0 + q * step;
       const bool second = step == 2 && p + 1 < P;
       for (int64_t j = 0; j < count; ++j)
-        Ops::pack(dsts[j] + q * B, at(p, f0s[j]), second ? at(p + 1, f0s[j]) : nullptr);
+        Ops::pack(panels + j * ld + q * B, at(p, f0s[j]), second ? at(p + 1, f0s[j]) : nullptr);
     }
   }
 };
@@ -53,14 +54,15 @@ struct SpatialPositions {
   int64_t feature_stride() const { return S; }
 
   template <typename Ops, int B, typename panel_t>
-  void pack(panel_t* const* dsts, const int64_t* f0s, int64_t count, int64_t p0, int64_t steps, int64_t P) const {
+  void pack(panel_t* panels, int64_t ld, const int64_t* f0s, int64_t count, int64_t p0, int64_t steps,
+            int64_t P) const {
     constexpr int step = Ops::kRowsPerStep;
     const int64_t p1 = std::min(P, p0 + steps * step), len = p1 - p0;
     rows.resize(std::max<int64_t>(static_cast<int64_t>(rows.size()), steps * step * B));
     for (int64_t j = 0; j < count; ++j) {
       for (int64_t p = p0; p < p1;) {  // runs of positions within one image
-        const int64_t n = p / S, s = p % S, run = std::min(p1 - p, S - s);
-        const scalar_t* src = data + (n * D + f0s[j]) * S + s;
+        const int64_t run = std::min(p1 - p, S - p % S);
+        const scalar_t* src = at(p, f0s[j]);
         scalar_t* dst = rows.data() + (p - p0) * B;
         for (int64_t c = 0; c < B; ++c)
           for (int64_t i = 0; i < run; ++i) dst[i * B + c] = src[c * S + i];
@@ -68,7 +70,7 @@ struct SpatialPositions {
       }
       for (int64_t q = 0; q < steps; ++q) {
         const int64_t r = q * step;
-        Ops::pack(dsts[j] + q * B, rows.data() + r * B, step == 2 && r + 1 < len ? rows.data() + (r + 1) * B : nullptr);
+        Ops::pack(panels + j * ld + q * B, rows.data() + r * B, step == 2 && r + 1 < len ? rows.data() + (r + 1) * B : nullptr);
       }
     }
   }

@@ -15,12 +15,11 @@ from entskip.backends import BACKENDS
 from .cases import ALPHA, BLOCKS, DENSITIES, DTYPES, QUICK, SIZES, Workloads, density_label, grid, parse_density
 from .peers import METHOD_IDS, compile_limits, on_backends, select
 from .plot import plot
-from .report import environment, table, write_json
+from .report import REPO, environment, table, write_json
 from .roofline import measure
 from .sweep import sweep
 from .timing import Settings
 
-REPO = Path(__file__).resolve().parents[3]
 
 
 def _default_out() -> Path:

@@ -103,11 +103,11 @@ def describe(rec: dict) -> str:
     """A printable summary of a step record, a line per model and format."""
     if rec["status"] != "ok":
         return f"n/a ({rec['reason']})"
+    target = rec.get("target")  # a single-model record's
+    verdict = "" if target is None else f"; {'met' if target['met'] else 'MISSED'} <= {target['max_ratio']}"
     lines = []
     for e in rec.get("results", [rec]):
         where = f"{e['model']}" + (f" {e['format']}" if "format" in e else "") + f", batch {rec['batch']}"
-        target = rec.get("target")
-        verdict = "" if target is None or e is not rec else f"; {'met' if target['met'] else 'MISSED'} <= {target['max_ratio']}"
         lines.append(f"{where}: plain {e['plain_ms']:.1f} ms, entangled {e['entangled_ms']:.1f} ms, ratio "
                      f"{e['ratio']:.3f} (rounds {e['ratio_min']:.3f}-{e['ratio_max']:.3f}){verdict}")
     return "\n".join(lines)

@@ -28,34 +28,38 @@ SCHEMA = "entskip-bench/1"
 _ENV_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "ENTSKIP_", "TORCHINDUCTOR_", "CUDA_VISIBLE_DEVICES")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
+# The source tree: python/entskip/bench/report.py sits three folders below it.
+REPO = Path(__file__).resolve().parents[3]
 
 # The ISA features the CPU kernels are built for, as /proc/cpuinfo names them.
 _CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vp2intersect", "avx_vnni", "amx_bf16")
 
 
-def _cpu_flags() -> list[str] | None:
+def _cpuinfo(key: str) -> str | None:
+    """The value of /proc/cpuinfo's first ``key`` line, None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in _CPU_FLAGS if flag in have]
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
 
 
-def commit(repo: Path = Path(__file__).resolve().parents[3]) -> str | None:
+def _cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str] | None:
+    flags = _cpuinfo("flags")
+    if flags is None:
+        return None
+    have = set(flags.split())
+    return [flag for flag in _CPU_FLAGS if flag in have]
+
+
+def commit(repo: Path = REPO) -> str | None:
     """The source tree's git commit (with ``-dirty`` for uncommitted changes), None outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
