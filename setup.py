@@ -191,7 +191,7 @@ def _cuda_extension(home, sources, cxx, openmp):
 
 def _extension():
     """entskip._C: the CPU kernels, and the CUDA kernels where :func:`_wants_cuda` finds a toolkit."""
-    sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     arch = os.environ.get("ENTSKIP_CPU_ARCH", "native")
     cxx = ["-O3"] + ([f"-march={arch}"] if arch else [])
     # torch's libgomp is already loaded when entskip._C is, so -fopenmp shares its thread pool.

@@ -122,6 +122,39 @@ def test_x_is_saved_only_for_dalpha(kind, cpu_backend):
         assert any(t is xg or (t.shape == xg.shape and t.data_ptr() == xg.data_ptr()) for t in saved) == expected
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_autograd_is_a_cpp_node(kind, cpu_backend):
+    """The elementwise ops' autograd is the C++ one of csrc/elementwise_autograd.cpp: no Python
+    runs between the call and the kernel (a register_autograd layer would show as a Python node)."""
+    x, branch, _, alpha = _inputs((4, 16), torch.float32)
+    y = entskip.skip_add(x.requires_grad_(), _mapping(kind, 16), branch, alpha)
+    expected = "IdentitySkipAdd" if kind == "identity" else "PermutationSkipAdd"
+    assert expected in y.grad_fn.name() and "CppNode" in y.grad_fn.name(), y.grad_fn.name()
+
+
+@pytest.mark.parametrize("with_branch", [True, False], ids=["branch", "nobranch"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_second_derivative_raises(kind, with_branch, cpu_backend):
+    """dx and dalpha are differentiable once: a second backward through them raises, while the
+    first derivatives taken with create_graph=True are the ordinary ones and dbranch (the
+    incoming gradient) stays differentiable."""
+    x, branch, grad, alpha = _inputs((3, 8), torch.float64)
+    mapping = _mapping(kind, 8)
+    x, alpha = x.requires_grad_(), alpha.requires_grad_()
+    b = branch.requires_grad_() if with_branch else None
+    grad = grad.requires_grad_()
+    y = entskip.skip_add(x, mapping, b, alpha)
+    firsts = torch.autograd.grad(y, (x, alpha, b) if with_branch else (x, alpha), grad, create_graph=True)
+    y_ref = _reference(kind, mapping, x, b, alpha)
+    for got, want in zip(firsts, torch.autograd.grad(y_ref, (x, alpha, b) if with_branch else (x, alpha), grad)):
+        torch.testing.assert_close(got.detach(), want)
+    for first in firsts[:2]:
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            first.sum().backward(retain_graph=True)
+    if with_branch:  # dbranch = grad: d(sum dbranch)/dgrad = 1
+        torch.testing.assert_close(torch.autograd.grad(firsts[2].sum(), grad)[0], torch.ones_like(grad))
+
+
 # ----------------------------------------------------------------------------------------
 # Against the float64 reference: every backend, dtype, leading shape, branch or not.
 

@@ -1,7 +1,8 @@
 """Identity skip-add op family: ``y = alpha * x + branch`` (Zhang et al.'s decayed shortcut).
 
-``torch.ops.entskip.identity_skip_add`` (schema in ``csrc/ops.cpp``) with its fake kernel
-and autograd formula, and :func:`identity_skip_add`, which picks the backend. Shapes:
+``torch.ops.entskip.identity_skip_add`` (schema in ``csrc/ops.cpp``, autograd in C++ in
+``csrc/elementwise_autograd.cpp``) with its CUDA and fake kernels, and
+:func:`identity_skip_add`, which picks the backend. Shapes:
 ``x (..., D)`` with any strides, ``branch`` ``x``'s shape or ``None``, ``alpha`` a 0-d
 floating tensor; returns ``x``'s shape (contiguous) and dtype.
 
@@ -69,20 +70,3 @@ if backends.native_available():
             torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else None,
             torch.empty_like(alpha) if output_mask[1] else None,
         )
-
-    def _setup_context(ctx, inputs, output):
-        x, alpha, _branch = inputs
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, alpha)
-
-    def _backward(ctx, grad):
-        x, alpha = ctx.saved_tensors
-        need_x, need_alpha, need_branch = ctx.needs_input_grad
-        dx = dalpha = None
-        if need_x or need_alpha:
-            # Without dalpha the op does not read x, which is then not saved: grad stands in for it.
-            dx, dalpha = torch.ops.entskip.identity_skip_add_backward(
-                grad, grad if x is None else x, alpha, [need_x, need_alpha]
-            )
-        return dx, dalpha, grad if need_branch else None
-
-    torch.library.register_autograd("entskip::identity_skip_add", _backward, setup_context=_setup_context)

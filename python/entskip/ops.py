@@ -170,6 +170,22 @@ def _alpha_tensor(alpha, x: Tensor) -> Tensor:
     return torch.full((), value, dtype=dtype, device=x.device)
 
 
+def _is_plain_elementwise(x, mapping, branch, alpha) -> bool:
+    """Whether :func:`skip_add` may run an elementwise mapping (``None``, identity,
+    permutation) on features-last ``x`` as it is: every argument well formed, ``alpha``
+    a 0-d tensor on ``x``'s device and no autocast. Anything else takes the general path,
+    which checks each argument and raises the documented errors."""
+    if not (isinstance(x, Tensor) and isinstance(alpha, Tensor) and x.layout == torch.strided and x.dim() > 0
+            and x.dtype.is_floating_point and alpha.dim() == 0 and alpha.dtype.is_floating_point
+            and alpha.device == x.device and not torch._C._is_any_autocast_enabled()):
+        return False
+    if mapping is not None and not (isinstance(mapping, Mapping) and mapping.any_rank
+                                    and mapping.in_features == mapping.out_features == x.shape[-1]):
+        return False
+    return branch is None or (isinstance(branch, Tensor) and branch.layout == torch.strided and branch.dtype == x.dtype
+                              and branch.device == x.device and branch.shape == x.shape)
+
+
 def skip_add(
     x: Tensor,
     mapping: Mapping | Tensor | None = None,
@@ -203,6 +219,11 @@ def skip_add(
         ``x``'s shape with ``D_out`` features, ``x``'s dtype (the autocast dtype
         under ``torch.autocast``); a 4-D result keeps the memory format of ``x``.
     """
+    if feature_dim == -1 and _is_plain_elementwise(x, mapping, branch, alpha):
+        # The common call of an identity or permutation skip, checked in fewer steps: on a
+        # ViT-Ti block's 0.1 ms skip, the general path's Python costs a fifth of the op.
+        _check_finite_tensor(alpha, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return identity_skip_add(x, branch, alpha) if mapping is None else mapping.skip_add_2d(x, branch, alpha)
     _check_floating(x, "x")
     if branch is not None:
         _check_floating(branch, "branch")

@@ -1,7 +1,8 @@
 """Permutation skip-add op family: ``y = alpha * x[..., index] + branch``.
 
-``torch.ops.entskip.permutation_skip_add`` (schema in ``csrc/ops.cpp``) with its fake
-kernel and autograd formula, and :func:`permutation_skip_add`, which picks the backend.
+``torch.ops.entskip.permutation_skip_add`` (schema in ``csrc/ops.cpp``, autograd in C++ in
+``csrc/elementwise_autograd.cpp``) with its CUDA and fake kernels, and
+:func:`permutation_skip_add`, which picks the backend.
 ``M[i, index[i]] = 1`` is a permutation matrix; ``inverse`` is its inverse permutation
 (``inverse[index[i]] = i``, cached by :class:`entskip.mappings.PermutationMapping`).
 Shapes: ``x (..., D)`` with any strides, ``index`` and ``inverse`` ``(D,)`` int64,
@@ -74,21 +75,3 @@ if backends.native_available():
             torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else None,
             torch.empty_like(alpha) if output_mask[1] else None,
         )
-
-    def _setup_context(ctx, inputs, output):
-        x, index, inverse, alpha, _branch = inputs
-        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, index, inverse, alpha)
-
-    def _backward(ctx, grad):
-        x, index, inverse, alpha = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_x, need_alpha, need_branch = need[0], need[3], need[4]
-        dx = dalpha = None
-        if need_x or need_alpha:
-            # Without dalpha the op does not read x, which is then not saved: grad stands in for it.
-            dx, dalpha = torch.ops.entskip.permutation_skip_add_backward(
-                grad, grad if x is None else x, index, inverse, alpha, [need_x, need_alpha]
-            )
-        return dx, None, None, dalpha, grad if need_branch else None
-
-    torch.library.register_autograd("entskip::permutation_skip_add", _backward, setup_context=_setup_context)

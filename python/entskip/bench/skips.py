@@ -23,6 +23,7 @@ of ``x + r``'s.
 from __future__ import annotations
 
 import operator
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -81,19 +82,22 @@ def runner(compute, inputs, grad: torch.Tensor | None) -> Runner:
     return Runner(lambda: compute(*leaves), leaves, grad)
 
 
-def interleaved_ms(runners: dict[str, Runner], repeats: int, warmup: int = 5) -> dict[str, list[float]]:
-    """Per-call times in ms, one call of each runner per round (CPU wall clock). Each round
-    starts one runner later than the one before, so that every runner takes every place in
-    the order alike (what a call finds, a fresh allocation's page faults or idle threads,
-    depends on what ran before it)."""
+def interleaved_ms(runners: dict[str, Runner], repeats: int, warmup: int = 5, seed: int = 0) -> dict[str, list[float]]:
+    """Per-call times in ms, one call of each runner per round (CPU wall clock), each round
+    in a fresh random order (seeded, so a run is repeatable). What a call finds (the caches
+    its predecessor left, a fresh allocation's page faults, threads still spinning or gone
+    to sleep) depends on the call before it; a fixed or rotated order would give every
+    runner the same predecessor in every round."""
     for runner in runners.values():
         for _ in range(warmup):
             runner.reset()
             runner.step()
     times = {name: [] for name in runners}
     names = list(runners)
-    for k in range(repeats):
-        for name in names[k % len(names):] + names[:k % len(names)]:
+    order = random.Random(seed)
+    for _ in range(repeats):
+        order.shuffle(names)
+        for name in names:
             runner = runners[name]
             runner.reset()
             t0 = time.perf_counter()
