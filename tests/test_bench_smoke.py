@@ -120,3 +120,19 @@ def test_alternating_steps_time_both_models_and_report_per_round_ratios():
     assert rec["ratio_min"] <= rec["ratio"] <= rec["ratio_max"]
     assert "plain" in model_steps.describe({"status": "ok", "batch": 2, "model": "toy", **rec})
     assert model_steps.describe({"status": "n/a", "reason": "no timm"}) == "n/a (no timm)"
+
+
+def test_interleaved_rounds_shuffle_the_order_and_time_every_runner():
+    from entskip.bench import peers, skips
+
+    calls = []
+
+    def runner(name):
+        return peers.Runner(lambda: calls.append(name) or torch.zeros(1))
+
+    times = skips.interleaved_ms({n: runner(n) for n in "abc"}, repeats=30, warmup=2, warmup_s=0.0)
+    assert {n: len(t) for n, t in times.items()} == {"a": 30, "b": 30, "c": 30}
+    assert all(t >= 0 for ts in times.values() for t in ts)
+    assert len(calls) == 3 * 32  # two untimed rounds first
+    predecessors = {n: {calls[i - 1] for i in range(1, len(calls)) if calls[i] == n} - {n} for n in "abc"}
+    assert all(len(p) == 2 for p in predecessors.values()), predecessors  # each follows both others

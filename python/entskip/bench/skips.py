@@ -82,28 +82,35 @@ def runner(compute, inputs, grad: torch.Tensor | None) -> Runner:
     return Runner(lambda: compute(*leaves), leaves, grad)
 
 
-def interleaved_ms(runners: dict[str, Runner], repeats: int, warmup: int = 5, seed: int = 0) -> dict[str, list[float]]:
+def interleaved_ms(runners: dict[str, Runner], repeats: int, warmup: int = 5, warmup_s: float = 0.2,
+                   seed: int = 0) -> dict[str, list[float]]:
     """Per-call times in ms, one call of each runner per round (CPU wall clock), each round
     in a fresh random order (seeded, so a run is repeatable). What a call finds (the caches
     its predecessor left, a fresh allocation's page faults, threads still spinning or gone
     to sleep) depends on the call before it; a fixed or rotated order would give every
-    runner the same predecessor in every round."""
-    for runner in runners.values():
-        for _ in range(warmup):
-            runner.reset()
-            runner.step()
-    times = {name: [] for name in runners}
+    runner the same predecessor in every round. Untimed rounds come first, at least
+    ``warmup`` of them and ``warmup_s`` seconds (a 0.1 ms call needs many to warm up)."""
     names = list(runners)
     order = random.Random(seed)
-    for _ in range(repeats):
+
+    def one_round(times=None):
         order.shuffle(names)
         for name in names:
             runner = runners[name]
             runner.reset()
             t0 = time.perf_counter()
             out = runner.step()
-            times[name].append(1e3 * (time.perf_counter() - t0))
+            if times is not None:
+                times[name].append(1e3 * (time.perf_counter() - t0))
             del out
+
+    start, rounds = time.perf_counter(), 0
+    while rounds < warmup or time.perf_counter() - start < warmup_s:
+        one_round()
+        rounds += 1
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        one_round(times)
     return times
 
 
