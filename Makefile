@@ -83,8 +83,8 @@ sdist-check: $(VENV)/.deps
 	PYTHON=$(PY) FRESH_PYTHON=$(PYTHON) TORCH="$(TORCH)" bash .ci/sdist_check.sh
 
 # The extension built with AddressSanitizer and UndefinedBehaviorSanitizer (into build/asan;
-# the normal build is not touched), and the op, robustness, hostile-layout, hardening and
-# fuzz tests run under it. .ci/asan.sh explains the preloads and options.
+# the normal build is not touched), and the op (BSR, dense, identity, permutation),
+# robustness, hostile-layout, hardening and fuzz tests run under it. .ci/asan.sh explains the preloads and options.
 asan: $(VENV)/.deps
 	PY=$(PY) bash .ci/asan.sh
 

@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=build/asan
 SAN="-fsanitize=address,undefined -fno-sanitize=vptr -fno-omit-frame-pointer -g"
-TESTS=${ASAN_TESTS:-tests/test_ops.py tests/test_robustness.py tests/test_hostile_layouts.py tests/test_hardening.py tests/test_fuzz.py}
+TESTS=${ASAN_TESTS:-tests/test_ops.py tests/test_identity_permutation_ops.py tests/test_robustness.py tests/test_hostile_layouts.py tests/test_hardening.py tests/test_fuzz.py}
 
 start=$(date +%s)
 mkdir -p "$OUT"
