@@ -53,7 +53,7 @@ Pair once_differentiable(std::initializer_list<at::Tensor> backward_inputs, Run&
   return {wrapped[0], wrapped[1]};
 }
 
-// Whether the optional branch, the `edge`-th tensor argument, was given and needs a gradient
+// Whether the optional branch, the `edge`-th tensor argument, was given (and defined) and needs a gradient
 // (an absent one is no input of the graph node, so its edge must not be asked about).
 bool needs_branch_grad(AutogradContext* ctx, size_t edge) {
   return ctx->saved_data["branch"].toBool() && ctx->needs_input_grad(edge);
@@ -65,7 +65,7 @@ struct IdentitySkipAdd : torch::autograd::Function<IdentitySkipAdd> {
     static const auto fwd = op<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&)>(
         "entskip::identity_skip_add");
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->saved_data["branch"] = branch.has_value();
+    ctx->saved_data["branch"] = branch.has_value() && branch->defined();
     ctx->save_for_backward({alpha.requires_grad() ? x : at::Tensor(), alpha});
     return fwd.call(x, alpha, branch);
   }
@@ -93,7 +93,7 @@ struct PermutationSkipAdd : torch::autograd::Function<PermutationSkipAdd> {
     static const auto fwd = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                           const c10::optional<at::Tensor>&)>("entskip::permutation_skip_add");
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->saved_data["branch"] = branch.has_value();
+    ctx->saved_data["branch"] = branch.has_value() && branch->defined();
     ctx->save_for_backward({alpha.requires_grad() ? x : at::Tensor(), index, inverse, alpha});
     return fwd.call(x, index, inverse, alpha, branch);
   }
