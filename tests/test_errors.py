@@ -97,6 +97,15 @@ def test_feature_dim_out_of_range(sparse64):
         entskip.skip_add(torch.randn(4, 64), sparse64, feature_dim=5)
 
 
+@pytest.mark.parametrize("mapping", [None, "identity", "permutation"])
+def test_feature_dim_must_be_an_int_for_elementwise_mappings_too(mapping):
+    """The short path of the identity and permutation skips takes feature_dim=-1 only as an int."""
+    m = None if mapping is None else entskip.mappings.make(mapping, 8)
+    x, alpha = torch.randn(4, 8), torch.tensor(0.5)
+    with pytest.raises(TypeError, match="feature_dim must be an int"):
+        entskip.skip_add(x, m, x, alpha, feature_dim=-1.0)
+
+
 def test_invalid_sparse_bsr_tensor_is_rejected():
     crow, col = torch.tensor([0, 2, 2]), torch.tensor([1, 0])  # unsorted row
     bsr = torch.sparse_bsr_tensor(crow, col, torch.randn(2, 4, 4), (8, 8), check_invariants=False)

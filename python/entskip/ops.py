@@ -142,11 +142,16 @@ def _check_finite_tensor(alpha: Tensor, dtype: torch.dtype) -> None:
         torch._assert_async(torch.isfinite(alpha.detach().to(dtype)), f"alpha must be finite in {dtype} (got NaN or Inf)")
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``alpha`` is applied in: float64 for float64 ``x``, else float32 (like a
+    module's alpha; float64 ``x`` must not see a rounded alpha)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _alpha_tensor(alpha, x: Tensor) -> Tensor:
     """``alpha`` as a 0-d tensor on ``x``'s device (a float: in the compute dtype, float64
     for float64 ``x``, else float32), checked finite in the compute dtype."""
-    # float32 like a module's alpha, unless x is float64 (which must not see a rounded alpha)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(x)
     if isinstance(alpha, Tensor):  # the checks in the order that is cheapest for a valid alpha
         if alpha.dim() != 0:
             if alpha.dim() > 1 or alpha.numel() != 1:
@@ -219,10 +224,10 @@ def skip_add(
         ``x``'s shape with ``D_out`` features, ``x``'s dtype (the autocast dtype
         under ``torch.autocast``); a 4-D result keeps the memory format of ``x``.
     """
-    if feature_dim == -1 and _is_plain_elementwise(x, mapping, branch, alpha):
+    if type(feature_dim) is int and feature_dim == -1 and _is_plain_elementwise(x, mapping, branch, alpha):
         # The common call of an identity or permutation skip, checked in fewer steps: on a
         # ViT-Ti block's 0.1 ms skip, the general path's Python costs a fifth of the op.
-        _check_finite_tensor(alpha, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        _check_finite_tensor(alpha, _compute_dtype(x))
         return identity_skip_add(x, branch, alpha) if mapping is None else mapping.skip_add_2d(x, branch, alpha)
     _check_floating(x, "x")
     if branch is not None:
