@@ -84,7 +84,8 @@ sdist-check: $(VENV)/.deps
 
 # The extension built with AddressSanitizer and UndefinedBehaviorSanitizer (into build/asan;
 # the normal build is not touched), and the op (BSR, dense, identity, permutation),
-# robustness, hostile-layout, hardening and fuzz tests run under it. .ci/asan.sh explains the preloads and options.
+# robustness, hostile-layout, hardening and fuzz tests run under it. .ci/asan.sh explains
+# the preloads and options.
 asan: $(VENV)/.deps
 	PY=$(PY) bash .ci/asan.sh
 

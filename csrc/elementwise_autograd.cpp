@@ -53,6 +53,19 @@ Pair once_differentiable(std::initializer_list<at::Tensor> backward_inputs, Run&
   return {wrapped[0], wrapped[1]};
 }
 
+// (dx, dalpha) of an elementwise skip-add for the inputs that need them (x: edge 0, alpha:
+// edge `alpha_edge`), from run(x_or_grad, output_mask), the backward op; both undefined when
+// neither is needed. Without dalpha the op does not read x, which is then not saved: grad
+// stands in for it.
+template <typename Run>
+Pair dx_and_dalpha(AutogradContext* ctx, size_t alpha_edge, const at::Tensor& grad, const at::Tensor& x,
+                   const at::Tensor& alpha, Run&& run) {
+  const bool need_x = ctx->needs_input_grad(0), need_alpha = ctx->needs_input_grad(alpha_edge);
+  if (!need_x && !need_alpha) return {};
+  return once_differentiable({grad, x, alpha},
+                             [&] { return run(x.defined() ? x : grad, std::array<bool, 2>{need_x, need_alpha}); });
+}
+
 // Whether the optional branch, the `edge`-th tensor argument, was given (and defined) and needs a gradient
 // (an absent one is no input of the graph node, so its edge must not be asked about).
 bool needs_branch_grad(AutogradContext* ctx, size_t edge) {
@@ -75,14 +88,8 @@ struct IdentitySkipAdd : torch::autograd::Function<IdentitySkipAdd> {
         "entskip::identity_skip_add_backward");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& grad = grads[0];
-    const bool need_x = ctx->needs_input_grad(0), need_alpha = ctx->needs_input_grad(1);
-    at::Tensor dx, dalpha;
-    if (need_x || need_alpha) {
-      // Without dalpha the op does not read x, which is then not saved: grad stands in for it.
-      std::tie(dx, dalpha) = once_differentiable({grad, saved[0], saved[1]}, [&] {
-        return bwd.call(grad, saved[0].defined() ? saved[0] : grad, saved[1], {need_x, need_alpha});
-      });
-    }
+    const auto run = [&](const at::Tensor& x, std::array<bool, 2> mask) { return bwd.call(grad, x, saved[1], mask); };
+    auto [dx, dalpha] = dx_and_dalpha(ctx, 1, grad, saved[0], saved[1], run);
     return {dx, dalpha, needs_branch_grad(ctx, 2) ? grad : at::Tensor()};
   }
 };
@@ -103,13 +110,10 @@ struct PermutationSkipAdd : torch::autograd::Function<PermutationSkipAdd> {
                                     const at::Tensor&, std::array<bool, 2>)>("entskip::permutation_skip_add_backward");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& grad = grads[0];
-    const bool need_x = ctx->needs_input_grad(0), need_alpha = ctx->needs_input_grad(3);
-    at::Tensor dx, dalpha;
-    if (need_x || need_alpha) {
-      std::tie(dx, dalpha) = once_differentiable({grad, saved[0], saved[3]}, [&] {
-        return bwd.call(grad, saved[0].defined() ? saved[0] : grad, saved[1], saved[2], saved[3], {need_x, need_alpha});
-      });
-    }
+    const auto run = [&](const at::Tensor& x, std::array<bool, 2> mask) {
+      return bwd.call(grad, x, saved[1], saved[2], saved[3], mask);
+    };
+    auto [dx, dalpha] = dx_and_dalpha(ctx, 3, grad, saved[0], saved[3], run);
     return {dx, at::Tensor(), at::Tensor(), dalpha, needs_branch_grad(ctx, 4) ? grad : at::Tensor()};
   }
 };
