@@ -182,6 +182,16 @@ def _check(kind, dtype, lead, with_branch, run_forward, run_backward, d=40, seed
             assert_close(got[1], dalpha, dtype, "dalpha alone", scale=max((grad.double() * x.double()).abs().sum().item(), 1.0))
 
 
+# The CPU permutation kernel works on tiles of 16 rows (8 for float64) transposed in 16 x 16
+# (8 x 8) blocks: row counts and feature counts on either side of those sizes, and row counts
+# spanning several work chunks (about 16384 elements each) with a partial last tile.
+@pytest.mark.parametrize("rows,d", [(r, d) for r in (1, 7, 8, 9, 15, 16, 17, 40) for d in (1, 7, 8, 15, 16, 17, 50)]
+                         + [(1030, 16), (100, 200), (33, 1000)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_permutation_tile_edges(dtype, rows, d, poisoned, cpu_backend):
+    _check("permutation", dtype, (rows,), True, _cpu_forward, _cpu_backward, d=d, seed=rows * 1000 + d)
+
+
 def _cpu_forward(mapping, x, branch, alpha):
     return entskip.skip_add(x, mapping, branch, alpha)
 

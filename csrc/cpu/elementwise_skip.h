@@ -1,6 +1,7 @@
 // Shared plumbing of the elementwise skips (identity_skip_add.cpp, permutation_skip_add.cpp):
 // tensors of any shape (..., D) seen as (rows, D) matrices read in place, the fixed work
-// chunks, the deterministic dalpha reduction and the backward's outputs.
+// chunks, the deterministic dalpha reduction, the backward's outputs and the in-order
+// segment kernels (y = a * x + b; dx = a * g, dalpha += g . x) that both run.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -119,41 +120,51 @@ inline simd::Vec<A> load(const T* p) {
   return simd::load<A>(p);
 }
 
-// The rows [begin, end) of a (rows, d) matrix p (row stride `stride`), each copied in order
-// and widened to the accumulation type into an L1 buffer, which the permutation skips gather
-// from (permuted reads straight from memory touch a row's cache lines in random order, out
-// of reach of the hardware prefetcher). fn(r, buf) is called for every row in order, buf
-// holding row r; row r + 1 is copied into the second buffer first, so that fn's gathers do
-// not read lines whose stores are still in flight.
-template <typename A, typename T, typename Fn>
-inline void for_widened_rows(const T* p, int64_t stride, int64_t d, int64_t begin, int64_t end, Fn&& fn) {
-  if (begin >= end) return;
-  std::vector<A> bufs(2 * d);
-  const auto widen = [&](int64_t r) {
-    const T* row = p + r * stride;
-    A* buf = bufs.data() + (r & 1) * d;
-    constexpr int W = simd::Simd<A>::W;
-    int64_t i = 0;
-    for (; i + W <= d; i += W) {
-      const simd::Vec<A> v = load<A>(row + i);
-      std::memcpy(buf + i, &v, sizeof(v));
-    }
-    for (; i < d; ++i) buf[i] = static_cast<A>(row[i]);
-  };
-  widen(begin);
-  for (int64_t r = begin; r < end; ++r) {
-    if (r + 1 < end) widen(r + 1);
-    fn(r, static_cast<const A*>(bufs.data() + (r & 1) * d));
+// y[i] = a * x[i] + b[i] (HAS_BRANCH) or a * x[i], i < len.
+template <bool HAS_BRANCH, typename T, typename A = acc_type<T>>
+inline void forward_segment(const T* x, const T* b, T* y, int64_t len, A a) {
+  constexpr int W = simd::Simd<A>::W;
+  const simd::Vec<A> av = simd::broadcast(a);
+  int64_t i = 0;
+  for (; i + 2 * W <= len; i += 2 * W) {
+    simd::Vec<A> v0 = av * load<A>(x + i), v1 = av * load<A>(x + i + W);
+    if constexpr (HAS_BRANCH) v0 += load<A>(b + i), v1 += load<A>(b + i + W);
+    store<A>(y + i, v0);
+    store<A>(y + i + W, v1);
+  }
+  for (; i + W <= len; i += W) {
+    simd::Vec<A> v = av * load<A>(x + i);
+    if constexpr (HAS_BRANCH) v += load<A>(b + i);
+    store<A>(y + i, v);
+  }
+  for (; i < len; ++i) {
+    A v = a * static_cast<A>(x[i]);
+    if constexpr (HAS_BRANCH) v += static_cast<A>(b[i]);
+    y[i] = static_cast<T>(v);
   }
 }
 
-// buf[idx[0]], ..., buf[idx[W-1]] as one vector. Scalar loads: on the AVX-512 machine
-// measured (AMD EPYC, AVX-512) a 16-lane vgatherdps from L1 was slower in these loops.
-template <typename A>
-inline simd::Vec<A> gather(const A* buf, const int32_t* idx) {
-  simd::Vec<A> v;
-  for (int l = 0; l < simd::Simd<A>::W; ++l) v[l] = buf[idx[l]];
-  return v;
+// dx[i] = a * g[i] (DX) and acc += g[i] * x[i] (DA), i < len.
+template <bool DX, bool DA, typename T, typename A = acc_type<T>>
+inline void backward_segment(const T* g, const T* x, T* dx, int64_t len, A a, simd::Vec<A> (&acc)[2], A& tail) {
+  constexpr int W = simd::Simd<A>::W;
+  const simd::Vec<A> av = simd::broadcast(a);
+  int64_t i = 0;
+  for (; i + 2 * W <= len; i += 2 * W) {
+    const simd::Vec<A> g0 = load<A>(g + i), g1 = load<A>(g + i + W);
+    if constexpr (DX) store<A>(dx + i, av * g0), store<A>(dx + i + W, av * g1);
+    if constexpr (DA) acc[0] += g0 * load<A>(x + i), acc[1] += g1 * load<A>(x + i + W);
+  }
+  for (; i + W <= len; i += W) {
+    const simd::Vec<A> g0 = load<A>(g + i);
+    if constexpr (DX) store<A>(dx + i, av * g0);
+    if constexpr (DA) acc[0] += g0 * load<A>(x + i);
+  }
+  for (; i < len; ++i) {
+    const A gi = static_cast<A>(g[i]);
+    if constexpr (DX) dx[i] = static_cast<T>(a * gi);
+    if constexpr (DA) tail += gi * static_cast<A>(x[i]);
+  }
 }
 
 // The lanes of an accumulator vector summed in a fixed order.

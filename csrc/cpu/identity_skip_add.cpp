@@ -25,53 +25,6 @@ inline void for_segments(int64_t begin, int64_t end, int64_t cols, Fn&& fn) {
   }
 }
 
-// y[i] = a * x[i] + b[i] (HAS_BRANCH) or a * x[i], i < len.
-template <bool HAS_BRANCH, typename T, typename A = acc_type<T>>
-inline void forward_segment(const T* x, const T* b, T* y, int64_t len, A a) {
-  constexpr int W = simd::Simd<A>::W;
-  const simd::Vec<A> av = simd::broadcast(a);
-  int64_t i = 0;
-  for (; i + 2 * W <= len; i += 2 * W) {
-    simd::Vec<A> v0 = av * load<A>(x + i), v1 = av * load<A>(x + i + W);
-    if constexpr (HAS_BRANCH) v0 += load<A>(b + i), v1 += load<A>(b + i + W);
-    store<A>(y + i, v0);
-    store<A>(y + i + W, v1);
-  }
-  for (; i + W <= len; i += W) {
-    simd::Vec<A> v = av * load<A>(x + i);
-    if constexpr (HAS_BRANCH) v += load<A>(b + i);
-    store<A>(y + i, v);
-  }
-  for (; i < len; ++i) {
-    A v = a * static_cast<A>(x[i]);
-    if constexpr (HAS_BRANCH) v += static_cast<A>(b[i]);
-    y[i] = static_cast<T>(v);
-  }
-}
-
-// dx[i] = a * g[i] (DX) and acc += g[i] * x[i] (DA), i < len.
-template <bool DX, bool DA, typename T, typename A = acc_type<T>>
-inline void backward_segment(const T* g, const T* x, T* dx, int64_t len, A a, simd::Vec<A> (&acc)[2], A& tail) {
-  constexpr int W = simd::Simd<A>::W;
-  const simd::Vec<A> av = simd::broadcast(a);
-  int64_t i = 0;
-  for (; i + 2 * W <= len; i += 2 * W) {
-    const simd::Vec<A> g0 = load<A>(g + i), g1 = load<A>(g + i + W);
-    if constexpr (DX) store<A>(dx + i, av * g0), store<A>(dx + i + W, av * g1);
-    if constexpr (DA) acc[0] += g0 * load<A>(x + i), acc[1] += g1 * load<A>(x + i + W);
-  }
-  for (; i + W <= len; i += W) {
-    const simd::Vec<A> g0 = load<A>(g + i);
-    if constexpr (DX) store<A>(dx + i, av * g0);
-    if constexpr (DA) acc[0] += g0 * load<A>(x + i);
-  }
-  for (; i < len; ++i) {
-    const A gi = static_cast<A>(g[i]);
-    if constexpr (DX) dx[i] = static_cast<T>(a * gi);
-    if constexpr (DA) tail += gi * static_cast<A>(x[i]);
-  }
-}
-
 int64_t chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
 at::Tensor identity_skip_add(const at::Tensor& x, const at::Tensor& alpha, const c10::optional<at::Tensor>& branch) {
