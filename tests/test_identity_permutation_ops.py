@@ -183,10 +183,11 @@ def _check(kind, dtype, lead, with_branch, run_forward, run_backward, d=40, seed
 
 
 # The CPU permutation kernel works on tiles of 16 rows (8 for float64) transposed in 16 x 16
-# (8 x 8) blocks: row counts and feature counts on either side of those sizes, and row counts
-# spanning several work chunks (about 16384 elements each) with a partial last tile.
+# (8 x 8) blocks: row counts and feature counts on either side of those sizes, row counts
+# spanning several work chunks (about 16384 elements each) with a partial last tile, and
+# rows wider than 16384 features (permuted by a copy instead of tiles).
 @pytest.mark.parametrize("rows,d", [(r, d) for r in (1, 7, 8, 9, 15, 16, 17, 40) for d in (1, 7, 8, 15, 16, 17, 50)]
-                         + [(1030, 16), (100, 200), (33, 1000)], ids=lambda v: str(v))
+                         + [(1030, 16), (100, 200), (33, 1000), (3, 16385), (17, 16400)], ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_permutation_tile_edges(dtype, rows, d, poisoned, cpu_backend):
     _check("permutation", dtype, (rows,), True, _cpu_forward, _cpu_backward, d=d, seed=rows * 1000 + d)
@@ -289,9 +290,10 @@ def test_compile_fullgraph(kind, backend, cpu_backend):
 # Edge cases.
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_non_contiguous_inputs(kind, poisoned, cpu_backend):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(kind, dtype, poisoned, cpu_backend):
     mapping = _mapping(kind, 40)
-    base, bbase, grad, alpha = _inputs((6, 5, 80), torch.float32)
+    base, bbase, grad, alpha = _inputs((6, 5, 80), dtype)
     cases = {
         "rows strided (slice of features)": (base[..., :40], bbase[..., 40:]),
         "leading dims transposed": (base[..., :40].transpose(0, 1), bbase[..., :40].transpose(0, 1)),
@@ -300,13 +302,13 @@ def test_non_contiguous_inputs(kind, poisoned, cpu_backend):
     }
     for name, (x, branch) in cases.items():
         y = entskip.skip_add(x, mapping, branch, alpha)
-        assert_close(y, _reference(kind, mapping, x.double(), branch.double(), alpha.double()), torch.float32, name)
+        assert_close(y, _reference(kind, mapping, x.double(), branch.double(), alpha.double()), dtype, name)
         g = grad[..., :40].transpose(0, 1) if x.dim() == 3 and x.shape[0] == 5 else grad[..., :40]
         dx, dalpha = _cpu_backward(mapping, g, x, alpha, [True, True])
         xr, ar = x.double().requires_grad_(), alpha.double().requires_grad_()
         dx_ref, da_ref = torch.autograd.grad(_reference(kind, mapping, xr, None, ar), (xr, ar), g.double())
-        assert_close(dx, dx_ref, torch.float32, f"{name}: dx")
-        assert_close(dalpha, da_ref, torch.float32, f"{name}: dalpha", scale=(g.double() * xr).abs().sum().item())
+        assert_close(dx, dx_ref, dtype, f"{name}: dx")
+        assert_close(dalpha, da_ref, dtype, f"{name}: dalpha", scale=(g.double() * xr).abs().sum().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -345,12 +347,14 @@ def test_empty_inputs(kind, cpu_backend):
         assert y.shape == shape and dx.shape == shape and float(da) == 0.0
 
 
+@pytest.mark.parametrize("shape", [(15, 197, 200), (9, 16400)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_deterministic_across_thread_counts(kind, dtype, cpu_backend):
-    """dalpha is summed over fixed chunks in a fixed order: bitwise equal for 1 and 2 threads."""
-    mapping = _mapping(kind, 192)
-    x, _, grad, alpha = _inputs((16, 197, 192), dtype, seed=4)
+def test_deterministic_across_thread_counts(kind, dtype, shape, cpu_backend):
+    """dalpha is summed over fixed chunks in a fixed order: bitwise equal for 1, 2 and 3
+    threads (shapes with partial tiles and feature tails; rows wider than the tiles)."""
+    mapping = _mapping(kind, shape[-1])
+    x, _, grad, alpha = _inputs(shape, dtype, seed=4)
     previous = torch.get_num_threads()
     results = {}
     try:

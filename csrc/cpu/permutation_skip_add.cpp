@@ -1,21 +1,20 @@
 // CPU implementation of the permutation skip-add, y[..., i] = alpha * x[..., index[i]] +
 // branch[..., i], and its backward (schemas in csrc/ops.cpp), each one pass over memory:
 //   forward   per tile of 16 (float64: 8) rows: permute the rows of x into a buffer
-//             (for_permuted_tiles), then y = alpha * permuted + branch row by row, as the
+//             (PermutedRows), then y = alpha * permuted + branch row by row, as the
 //             identity skip does (elementwise::forward_segment);
 //   backward  the same with grad and inverse: dx[j] = alpha * grad[inverse[j]] and
 //             grad[inverse[j]] * x[j] added into dalpha (elementwise::backward_segment).
-// Memory is read and written row by row, in order; only the tile buffers are read out of
-// order.
+// A tile's rows of x (of grad) are read side by side in order; branch, y, dx and x for
+// dalpha row by row. Only the tile buffers are read out of order.
 // index and inverse are checked on every call (O(D)): in range and inverse[index[i]] = i,
 // so a corrupted index raises instead of reading out of bounds. Rows are cut into fixed
-// chunks of about elementwise::kChunk elements, the work items and the terms of dalpha's
-// deterministic sum (see identity_skip_add.cpp).
+// chunks (chunk_rows), the work items and the terms of dalpha's deterministic sum (see
+// identity_skip_add.cpp).
 #include <ATen/Dispatch_v2.h>
 #include <torch/library.h>
 
 #include <limits>
-#include <memory>
 
 #include "elementwise_skip.h"
 
@@ -24,8 +23,8 @@ namespace {
 
 using namespace elementwise;
 
-// index and inverse as int32 (twice the lanes of an int64 gather), after checking that they
-// are inverse permutations of 0..d-1.
+// index and inverse as int32 (half the bytes of the int64 tensors), after checking that
+// they are inverse permutations of 0..d-1.
 std::vector<int32_t> checked_permutation(const at::Tensor& index, const at::Tensor& inverse, const at::Tensor& x,
                                          const at::Tensor& which) {
   const int64_t d = x.size(-1);
@@ -51,9 +50,10 @@ std::vector<int32_t> checked_permutation(const at::Tensor& index, const at::Tens
 // as stored, no widening), so that column c of all its rows is one vector; the permuted
 // rows, p[k][i] = x[k][index[i]], are then whole-vector loads of columns index[i] and W x W
 // in-register transposes back (permute_tile), instead of W scalar loads and inserts per
-// output vector. The buffers (2 x W x d elements) stay in L1/L2; x is read and y, branch and
-// dx are read or written row by row, in order. Rows beyond a tile's n valid ones repeat its
-// last row (read, never used).
+// output vector. The buffers hold 2 x W x d elements per thread (48 KiB for float32 at
+// d = 192): rows wider than kMaxTileColumns are permuted by one ATen index_select copy
+// instead. A tile of n < W valid rows fills rows n .. W - 1 with copies of row n - 1 (read,
+// never used).
 template <typename T>
 struct Tile {
   static constexpr int W = simd::Simd<acc_type<T>>::W;
@@ -61,7 +61,10 @@ struct Tile {
   typedef Lane Column __attribute__((vector_size(W * sizeof(T))));  // the bits of W elements
 };
 
-// t = the transpose of rows p[0], ..., p[n - 1] (row stride `stride`, d columns), d x W.
+constexpr int64_t kMaxTileColumns = 16384;  // 2 MiB of float32 tile buffers per thread
+
+// t = the transpose of rows p[0], ..., p[n - 1] (row stride `stride`, d columns), d x W;
+// rows n .. W - 1 of the tile repeat row n - 1.
 template <typename T>
 void load_tile(const T* p, int64_t stride, int64_t d, int64_t n, T* t) {
   constexpr int W = Tile<T>::W;
@@ -95,32 +98,62 @@ void permute_tile(const T* t, const int32_t* idx, int64_t d, T* out) {
   }
 }
 
-// Rows per chunk: about kChunk elements, a whole number of tiles (of 16 or 8 rows).
+// Rows per chunk: about kChunk elements, a whole number of tiles (W divides 16); one row
+// when rows are wider than kMaxTileColumns (no tiles).
 int64_t chunk_rows(int64_t d) {
-  constexpr int64_t kTiles = simd::Simd<float>::W;
-  return (std::max<int64_t>(1, kChunk / std::max<int64_t>(d, 1)) + kTiles - 1) / kTiles * kTiles;
+  constexpr int64_t kTileRows = simd::Simd<float>::W;
+  if (d > kMaxTileColumns) return 1;
+  return (std::max<int64_t>(1, kChunk / std::max<int64_t>(d, 1)) + kTileRows - 1) / kTileRows * kTileRows;
 }
 
-// The working memory of for_permuted_tiles for d columns (uninitialised).
+// The permuted rows of a (rows, d) matrix of T, q[r][i] = p[r][idx[i]]: either read from
+// `permuted`, a copy made up front (rows wider than kMaxTileColumns), or made tile by tile
+// in `buffers` (see load_tile), one object per thread.
 template <typename T>
-std::unique_ptr<T[]> tile_buffers(int64_t d) {
-  return std::unique_ptr<T[]>(new T[2 * d * Tile<T>::W]);
-}
-
-// fn(r, n, q) for the tiles of rows [begin, end) of the (rows, d) matrix p (row stride
-// `stride`), in order from begin: q holds rows r .. r + n - 1 permuted through idx, q[k * d
-// + i] = p[r + k][idx[i]]. buf: tile_buffers<T>(d).
-template <typename T, typename Fn>
-void for_permuted_tiles(const T* p, int64_t stride, const int32_t* idx, int64_t d, int64_t begin, int64_t end,
-                        T* buf, Fn&& fn) {
-  constexpr int64_t W = Tile<T>::W;
-  T *t = buf, *q = buf + d * W;
-  for (int64_t r = begin; r < end; r += W) {
-    const int64_t n = std::min(W, end - r);
-    load_tile(p + r * stride, stride, d, n, t);
-    permute_tile(t, idx, d, q);
-    fn(r, n, static_cast<const T*>(q));
+class PermutedRows {
+ public:
+  PermutedRows(const T* p, int64_t stride, const int32_t* idx, int64_t d, const T* permuted)
+      : p_(p), stride_(stride), idx_(idx), d_(d), permuted_(permuted) {
+    if (permuted_ == nullptr) {  // 64-byte aligned buffers: whole-line column loads and stores
+      tile_stride_ = (d * Tile<T>::W * sizeof(T) + 63) / 64 * 64 / sizeof(T);
+      buffers_ = at::empty({2 * tile_stride_}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    }
   }
+
+  // fn(r, n, q) for the tiles of rows [begin, end), in order from begin: q[k * d + i] =
+  // p[r + k][idx[i]] for k < n.
+  template <typename Fn>
+  void for_tiles(int64_t begin, int64_t end, Fn&& fn) {
+    constexpr int64_t W = Tile<T>::W;
+    if (permuted_ != nullptr) {
+      for (int64_t r = begin; r < end; r += W) fn(r, std::min(W, end - r), permuted_ + r * d_);
+      return;
+    }
+    T* t = buffers_.mutable_data_ptr<T>();
+    T* q = t + tile_stride_;
+    for (int64_t r = begin; r < end; r += W) {
+      const int64_t n = std::min(W, end - r);
+      load_tile(p_ + r * stride_, stride_, d_, n, t);
+      permute_tile(t, idx_, d_, q);
+      fn(r, n, static_cast<const T*>(q));
+    }
+  }
+
+ private:
+  const T* p_;
+  int64_t stride_;
+  const int32_t* idx_;
+  int64_t d_;
+  const T* permuted_;
+  int64_t tile_stride_ = 0;
+  at::Tensor buffers_;
+};
+
+// The rows of r permuted through `index` by ATen (contiguous), where rows are wider than
+// kMaxTileColumns; else undefined.
+at::Tensor permuted_copy(const Rows& r, const at::Tensor& index) {
+  if (r.cols <= kMaxTileColumns) return at::Tensor();
+  return r.t.as_strided({r.rows, r.cols}, {r.stride, 1}).index_select(1, index).contiguous();
 }
 
 at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, const at::Tensor& inverse,
@@ -135,17 +168,17 @@ at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, co
   if (x.numel() == 0) return y;
   const Rows xr = as_rows(x);
   const Rows br = branch.has_value() ? as_rows(*branch) : xr;
-  const int64_t d = xr.cols, rows = xr.rows;
+  const int64_t d = xr.cols, rows = xr.rows, per = chunk_rows(d);
+  const at::Tensor permuted = permuted_copy(xr, index);
   AT_DISPATCH_V2(x.scalar_type(), "entskip_permutation_skip_add_cpu", AT_WRAP([&] {
     using A = acc_type<scalar_t>;
-    const int64_t per = chunk_rows(d);
     const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
     const scalar_t* bp = branch.has_value() ? br.t.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pp = permuted.defined() ? permuted.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
-      const auto buf = tile_buffers<scalar_t>(d);
-      for_permuted_tiles(xp, xr.stride, idx.data(), d, begin * per, std::min(end * per, rows), buf.get(),
-                         [&](int64_t r, int64_t n, const scalar_t* q) {
+      PermutedRows<scalar_t>(xp, xr.stride, idx.data(), d, pp).for_tiles(begin * per, std::min(end * per, rows),
+                                                                        [&](int64_t r, int64_t n, const scalar_t* q) {
         for (int64_t k = 0; k < n; ++k) {
           if (bp != nullptr) {
             forward_segment<true>(q + k * d, bp + (r + k) * br.stride, yp + (r + k) * d, d, static_cast<A>(a));
@@ -159,20 +192,21 @@ at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, co
   return y;
 }
 
+// Chunks of `per` rows (chunk_rows), chunk c adding partials[c].
 template <bool DX, bool DA, typename T>
-void backward_kernel(const Rows& gr, const Rows& xr, const int32_t* inv, T* dxp, double a,
-                     std::vector<double>& partials) {
+void backward_kernel(const Rows& gr, const Rows& xr, const int32_t* inv, const at::Tensor& permuted, int64_t per,
+                     T* dxp, double a, std::vector<double>& partials) {
   using A = acc_type<T>;
-  const int64_t d = gr.cols, rows = gr.rows, per = chunk_rows(d);
+  const int64_t d = gr.cols, rows = gr.rows;
   const T* gp = gr.t.const_data_ptr<T>();
   const T* xp = xr.t.const_data_ptr<T>();
+  const T* pp = permuted.defined() ? permuted.const_data_ptr<T>() : nullptr;
   at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
-    const auto buf = tile_buffers<T>(d);
+    PermutedRows<T> permuted_rows(gp, gr.stride, inv, d, pp);
     for (int64_t c = begin; c < end; ++c) {  // chunk c: one term of dalpha
       simd::Vec<A> acc[2] = {};
       A tail = 0;
-      for_permuted_tiles(gp, gr.stride, inv, d, c * per, std::min((c + 1) * per, rows), buf.get(),
-                         [&](int64_t r, int64_t n, const T* q) {
+      permuted_rows.for_tiles(c * per, std::min((c + 1) * per, rows), [&](int64_t r, int64_t n, const T* q) {
         for (int64_t k = 0; k < n; ++k) {
           backward_segment<DX, DA>(q + k * d, xp + (r + k) * xr.stride, DX ? dxp + (r + k) * d : nullptr, d,
                                    static_cast<A>(a), acc, tail);
@@ -198,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor> permutation_skip_add_backward(const at::Tenso
                                [&](auto* dxp, auto& partials, auto dx, auto da) {
     const Rows gr = as_rows(grad);
     const Rows xr = da ? as_rows(x) : gr;  // x is read only for dalpha
-    backward_kernel<decltype(dx)::value, decltype(da)::value>(gr, xr, inv.data(), dxp, a, partials);
+    backward_kernel<decltype(dx)::value, decltype(da)::value>(gr, xr, inv.data(), permuted_copy(gr, inverse), per,
+                                                              dxp, a, partials);
   });
 }
 

@@ -1,7 +1,8 @@
 // Portable 64-byte SIMD vectors for the CPU micro-kernels (GCC/Clang vector
 // extensions): AVX-512 registers where the build targets them, pairs or quads of
 // narrower registers elsewhere. Loads and stores convert between the storage type
-// (float, double, BFloat16, Half) and the accumulation type.
+// (float, double, BFloat16, Half) and the accumulation type; in-register transposes (of
+// 32-byte vectors of 16-bit lanes too, by AVX2 unpacks).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -128,9 +129,9 @@ inline void outer_product_step(Vec<acc_t> (&acc)[M][NV], const acc_t* a, const V
   }
 }
 
-// Transpose of the W x W matrix whose rows are the vectors v[0], ..., v[W-1] (W = lanes of
-// 2, 4 or 8 bytes), in registers: log2(W) stages, each swapping the off-diagonal H x H
-// blocks of every 2H x 2H block with two-source lane shuffles (vpermt2ps/pd on AVX-512).
+// In-register transposes. The generic one, for W x W rows of W lanes: log2(W) stages, each
+// swapping the off-diagonal H x H blocks of every 2H x 2H block with two-source lane
+// shuffles (vpermt2ps/pd on AVX-512).
 namespace detail {
 
 // Lane l of the new row i (bit H of i clear) and of the new row i + H, as indices
@@ -145,6 +146,7 @@ inline V shuffle(const V& a, const V& b) {
 #if defined(__clang__)
   return __builtin_shufflevector(a, b, I...);
 #else
+  static_assert(sizeof(a[0]) == 8 || sizeof(a[0]) == 4 || sizeof(a[0]) == 2, "lanes of 2, 4 or 8 bytes");
   typedef std::conditional_t<sizeof(a[0]) == 8, int64_t, std::conditional_t<sizeof(a[0]) == 4, int32_t, int16_t>> Lane;
   typedef Lane Mask __attribute__((vector_size(sizeof(V))));
   return __builtin_shuffle(a, b, Mask{I...});
@@ -170,12 +172,13 @@ inline void transpose_stages(V* v) {
 }
 
 #if defined(__AVX2__)
-// The transpose of 16 rows of 16 16-bit lanes by in-lane unpacks, one-cycle shuffles (the
-// generic stages compile to two-source word permutes, vpermt2w, several times slower):
-// 16-, 32- and 64-bit interleaves transpose each 128-bit half of rows 0-7 and of rows 8-15
-// as an 8 x 8 matrix, then the halves are exchanged.
+// The transpose of 16 rows of 16 16-bit lanes (32-byte vectors) by unpacks, one-cycle
+// shuffles (the generic stages compile to two-source word permutes, vpermt2w, several
+// times slower): 16-, 32- and 64-bit interleaves within 128-bit lanes transpose each half of
+// rows 0-7 and of rows 8-15 as an 8 x 8 matrix, then vperm2i128 exchanges the halves.
 template <typename V>
 inline void transpose_16x16_epi16(V* v) {
+  static_assert(sizeof(V) == 32 && sizeof(v[0][0]) == 2, "16 lanes of 16 bits");
   __m256i r[16], a[16];
   std::memcpy(r, v, sizeof(r));
   for (int h = 0; h < 16; h += 8) {  // rows h .. h + 7
@@ -183,15 +186,15 @@ inline void transpose_16x16_epi16(V* v) {
       a[h + i] = _mm256_unpacklo_epi16(r[h + i], r[h + i + 1]);
       a[h + i + 1] = _mm256_unpackhi_epi16(r[h + i], r[h + i + 1]);
     }
-    // a[h + 2p + q]: rows 2p, 2p + 1 at columns 4q .. 4q + 3 (of each half)
+    // a[h + 2p + q]: rows h + 2p, h + 2p + 1 at columns 4q .. 4q + 3 (of each half)
     __m256i b[8];
     for (int q = 0; q < 2; ++q) {
-      for (int p = 0; p < 4; p += 2) {
-        b[4 * q + p] = _mm256_unpacklo_epi32(a[h + 2 * p + q], a[h + 2 * p + 2 + q]);
-        b[4 * q + p + 1] = _mm256_unpackhi_epi32(a[h + 2 * p + q], a[h + 2 * p + 2 + q]);
+      for (int s = 0; s < 2; ++s) {  // rows h + 4s .. h + 4s + 3: pairs p = 2s, 2s + 1
+        b[4 * q + 2 * s] = _mm256_unpacklo_epi32(a[h + 4 * s + q], a[h + 4 * s + 2 + q]);
+        b[4 * q + 2 * s + 1] = _mm256_unpackhi_epi32(a[h + 4 * s + q], a[h + 4 * s + 2 + q]);
       }
     }
-    // b[4q + 2s + e]: rows 4s .. 4s + 3 at columns 4q + 2e, 4q + 2e + 1
+    // b[4q + 2s + e]: rows h + 4s .. h + 4s + 3 at columns 4q + 2e, 4q + 2e + 1
     for (int q = 0; q < 2; ++q) {
       for (int e = 0; e < 2; ++e) {
         const int c = 4 * q + 2 * e;
@@ -211,6 +214,9 @@ inline void transpose_16x16_epi16(V* v) {
 
 }  // namespace detail
 
+// The transpose of the W x W matrix whose rows are v[0], ..., v[W-1], for any vector type V
+// of W lanes (2, 4 or 8 bytes): the unpack sequence above for 16 x 16-bit lanes with AVX2,
+// else the generic stages.
 template <typename V>
 inline void transpose_rows(V* v) {
   constexpr int W = sizeof(V) / sizeof(v[0][0]);
