@@ -96,25 +96,29 @@ struct IdentitySkipAdd : torch::autograd::Function<IdentitySkipAdd> {
 
 struct PermutationSkipAdd : torch::autograd::Function<PermutationSkipAdd> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& index,
-                            const at::Tensor& inverse, const at::Tensor& alpha, const c10::optional<at::Tensor>& branch) {
+                            const at::Tensor& inverse, const at::Tensor& alpha, const c10::optional<at::Tensor>& branch,
+                            bool features_first) {
     static const auto fwd = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const c10::optional<at::Tensor>&)>("entskip::permutation_skip_add");
+                                          const c10::optional<at::Tensor>&, bool)>("entskip::permutation_skip_add");
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->saved_data["branch"] = branch.has_value() && branch->defined();
+    ctx->saved_data["features_first"] = features_first;
     ctx->save_for_backward({alpha.requires_grad() ? x : at::Tensor(), index, inverse, alpha});
-    return fwd.call(x, index, inverse, alpha, branch);
+    return fwd.call(x, index, inverse, alpha, branch, features_first);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, std::array<bool, 2>)>("entskip::permutation_skip_add_backward");
+                                    const at::Tensor&, std::array<bool, 2>, bool)>(
+        "entskip::permutation_skip_add_backward");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& grad = grads[0];
+    const bool features_first = ctx->saved_data["features_first"].toBool();
     const auto run = [&](const at::Tensor& x, std::array<bool, 2> mask) {
-      return bwd.call(grad, x, saved[1], saved[2], saved[3], mask);
+      return bwd.call(grad, x, saved[1], saved[2], saved[3], mask, features_first);
     };
     auto [dx, dalpha] = dx_and_dalpha(ctx, 3, grad, saved[0], saved[3], run);
-    return {dx, at::Tensor(), at::Tensor(), dalpha, needs_branch_grad(ctx, 4) ? grad : at::Tensor()};
+    return {dx, at::Tensor(), at::Tensor(), dalpha, needs_branch_grad(ctx, 4) ? grad : at::Tensor(), at::Tensor()};
   }
 };
 
@@ -123,8 +127,8 @@ at::Tensor identity_skip_add(const at::Tensor& x, const at::Tensor& alpha, const
 }
 
 at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, const at::Tensor& inverse,
-                                const at::Tensor& alpha, const c10::optional<at::Tensor>& branch) {
-  return PermutationSkipAdd::apply(x, index, inverse, alpha, branch);
+                                const at::Tensor& alpha, const c10::optional<at::Tensor>& branch, bool features_first) {
+  return PermutationSkipAdd::apply(x, index, inverse, alpha, branch, features_first);
 }
 
 }  // namespace

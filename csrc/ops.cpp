@@ -90,15 +90,19 @@ TORCH_LIBRARY(entskip, m) {
 // Identity:     y = alpha * x + branch;            dx = alpha * grad,  dalpha = sum(grad * x).
 // Permutation:  y[..., i] = alpha * x[..., index[i]] + branch[..., i], with inverse[index[i]] = i;
 //               dx[..., j] = alpha * grad[..., inverse[j]],  dalpha = sum_j grad[..., inverse[j]] * x[..., j].
+//               With features_first, x is (N, D, S) (an NCHW map as (N, C, H * W)) and the
+//               permutation acts on dim 1: y[n, i, s] = alpha * x[n, index[i], s] + branch[n, i, s].
 // dalpha is a deterministic reduction (fixed chunks of the flattened input, float32
 // accumulation, float64 for float64; the chunks' sums added in order in float64).
 TORCH_LIBRARY_FRAGMENT(entskip, m) {
   m.def("identity_skip_add(Tensor x, Tensor alpha, Tensor? branch) -> Tensor");
   m.def("identity_skip_add_backward(Tensor grad, Tensor x, Tensor alpha, bool[2] output_mask) -> (Tensor, Tensor)");
-  m.def("permutation_skip_add(Tensor x, Tensor index, Tensor inverse, Tensor alpha, Tensor? branch) -> Tensor");
+  m.def(
+      "permutation_skip_add(Tensor x, Tensor index, Tensor inverse, Tensor alpha, Tensor? branch, "
+      "bool features_first=False) -> Tensor");
   m.def(
       "permutation_skip_add_backward(Tensor grad, Tensor x, Tensor index, Tensor inverse, Tensor alpha, "
-      "bool[2] output_mask) -> (Tensor, Tensor)");
+      "bool[2] output_mask, bool features_first=False) -> (Tensor, Tensor)");
   // The CUDA C++ backend of the two families (csrc/cuda/elementwise_skip.cu).
   m.def("_cuda_identity_skip_add(Tensor x, Tensor alpha, Tensor? branch) -> Tensor");
   m.def(

@@ -472,3 +472,147 @@ def test_gpu_path_validates_the_permutation():
                                 "permutation_skip_add_backward"])
 def test_public_ops_have_a_cuda_implementation(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"entskip::{op}", "CUDA")
+
+
+# ----------------------------------------------------------------------------------------
+# Features first: x (N, D, S), the permutation acting on dim 1 (an NCHW map as (N, C, H * W)).
+
+FF_SHAPES = [(2, 16, 49), (1, 40, 1), (3, 7, 15), (2, 33, 196), (1, 8, 33), (0, 8, 9), (2, 5, 0)]
+
+
+def _ff_reference(mapping, x, branch, alpha):
+    y = alpha * x.index_select(1, mapping.index)
+    return y if branch is None else y + branch
+
+
+def _check_ff(shape, dtype, with_branch, forward, backward, seed=0, view=lambda t: t):
+    mapping = _mapping("permutation", shape[1])
+    x, branch, grad, alpha = (view(t) if t.dim() == 3 else t for t in _inputs(shape, dtype, seed))
+    branch = branch if with_branch else None
+    y = forward(mapping, x, branch, alpha)
+    dx, dalpha = backward(mapping, grad, x, alpha, [True, True])
+    xr, ar = x.double().requires_grad_(), alpha.double().requires_grad_()
+    y_ref = _ff_reference(mapping, xr, None if branch is None else branch.double(), ar)
+    dx_ref, dalpha_ref = torch.autograd.grad(y_ref, (xr, ar), grad.double(), allow_unused=True)
+    dalpha_ref = torch.zeros((), dtype=torch.float64) if dalpha_ref is None else dalpha_ref
+    assert y.shape == x.shape and y.is_contiguous()
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, dx_ref, dtype, "dx")
+    assert_close(dalpha, dalpha_ref, dtype, "dalpha", scale=max((grad.double() * x.double()).abs().sum().item(), 1.0))
+    for mask in ([True, False], [False, True]):
+        assert [t is not None for t in backward(mapping, grad, x, alpha, mask)] == mask
+
+
+def _cpu_ff_forward(mapping, x, branch, alpha):
+    return OPS.permutation_skip_add(x, mapping.index, mapping.inverse, alpha, branch, True)
+
+
+def _cpu_ff_backward(mapping, grad, x, alpha, mask):
+    return OPS.permutation_skip_add_backward(grad, x, mapping.index, mapping.inverse, alpha, mask, True)
+
+
+@pytest.mark.parametrize("with_branch", [True, False], ids=["branch", "nobranch"])
+@pytest.mark.parametrize("shape", FF_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_features_first_matches_reference(dtype, shape, with_branch, poisoned, cpu_backend):
+    _check_ff(shape, dtype, with_branch, _cpu_ff_forward, _cpu_ff_backward)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_features_first_strided(dtype, poisoned, cpu_backend):
+    # rows of S positions with a row stride (read in place), and positions with a stride (copied)
+    _check_ff((2, 12, 30), dtype, True, _cpu_ff_forward, _cpu_ff_backward, view=lambda t: t[..., :20])
+    _check_ff((2, 12, 30), dtype, True, _cpu_ff_forward, _cpu_ff_backward, view=lambda t: t[..., ::2])
+    _check_ff((4, 12, 30), dtype, True, _cpu_ff_forward, _cpu_ff_backward, view=lambda t: t[::2])
+
+
+def test_features_first_requires_three_dims(cpu_backend):
+    p = mappings.permutation(8, seed=0)
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match=r"features-first x must be \(N, D, S\)"):
+        OPS.permutation_skip_add(x, p.index, p.inverse, torch.tensor(0.5), None, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_features_first(dtype, cpu_backend):
+    p = mappings.permutation(12, seed=3)
+    x, branch, grad, alpha = _inputs((3, 12, 10), dtype)
+    x.requires_grad_()
+    alpha.requires_grad_()
+    torch.library.opcheck(OPS.permutation_skip_add.default, (x, p.index, p.inverse, alpha, branch.requires_grad_(), True))
+    for mask in ([True, True], [True, False], [False, True]):
+        torch.library.opcheck(OPS.permutation_skip_add_backward.default,
+                              (grad, x.detach(), p.index, p.inverse, alpha.detach(), mask, True))
+
+
+def test_features_first_deterministic_across_thread_counts(cpu_backend):
+    p = mappings.permutation(64, seed=1)
+    x, _, grad, alpha = _inputs((9, 64, 49), torch.float32, seed=4)
+    previous = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results[threads] = OPS.permutation_skip_add_backward(grad, x, p.index, p.inverse, alpha, [True, True], True)
+    finally:
+        torch.set_num_threads(previous)
+    for threads in (2, 3):
+        assert all(torch.equal(u, v) for u, v in zip(results[1], results[threads]))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_skip_add_nchw_permutation_reads_in_place(fmt, cpu_backend):
+    """skip_add(feature_dim=1) of an NCHW (or channels_last) map: no copy of x or the branch,
+    the result in x's format, forward and gradients as the reference."""
+    p = mappings.permutation(16, seed=2)
+    gen = torch.Generator().manual_seed(5)
+    x, r, g = (torch.randn(2, 16, 7, 5, generator=gen).to(memory_format=fmt) for _ in range(3))
+    alpha = torch.tensor(0.8)
+    with torch.profiler.profile() as prof:
+        y = entskip.skip_add(x, p, r, alpha, feature_dim=1)
+    copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+    assert copies == []
+    assert y.is_contiguous(memory_format=fmt)
+    xr, rr, ar = (t.double().requires_grad_() for t in (x, r, alpha))
+    leaves = (x.requires_grad_(), r.requires_grad_(), alpha.requires_grad_())
+    y = entskip.skip_add(leaves[0], p, leaves[1], leaves[2], feature_dim=1)
+    y_ref = ar * xr.index_select(1, p.index) + rr
+    torch.testing.assert_close(y.double(), y_ref.detach(), rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y, leaves, g)
+    want = torch.autograd.grad(y_ref, (xr, rr, ar), g.double())
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-4)
+
+
+@triton_only
+@pytest.mark.parametrize("shape", [(2, 16, 49), (1, 7, 15), (0, 8, 9)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_features_first_matches_reference(dtype, shape, poisoned):
+    def forward(m, x, branch, alpha):
+        m = m.to(DEVICE)
+        return permutation_skip.gpu_forward(x.to(DEVICE), m.index, m.inverse, alpha.to(DEVICE),
+                                            None if branch is None else branch.to(DEVICE), "triton", True).cpu()
+
+    def backward(m, grad, x, alpha, mask):
+        m = m.to(DEVICE)
+        got = permutation_skip.gpu_backward(grad.to(DEVICE), x.to(DEVICE), m.index, m.inverse, alpha.to(DEVICE), mask,
+                                            "triton", True)
+        return tuple(None if t is None else t.cpu() for t in got)
+
+    _check_ff(shape, dtype, True, forward, backward)
+
+
+def test_compile_fullgraph_nchw_permutation(cpu_backend):
+    p = mappings.permutation(16, seed=2)
+    gen = torch.Generator().manual_seed(6)
+    x, r = (torch.randn(2, 16, 5, 3, generator=gen) for _ in range(2))
+    alpha = torch.tensor(0.9, requires_grad=True)
+
+    def f(x, r, a):
+        return entskip.skip_add(x, p, r, a, feature_dim=1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    y, y_ref = compiled(x, r, alpha), f(x, r, alpha)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), alpha)[0], torch.autograd.grad(y_ref.sum(), alpha)[0])

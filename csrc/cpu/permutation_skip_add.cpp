@@ -7,6 +7,8 @@
 //             grad[inverse[j]] * x[j] added into dalpha (elementwise::backward_segment).
 // A tile's rows of x (of grad) are read side by side in order; branch, y, dx and x for
 // dalpha row by row. Only the tile buffers are read out of order.
+// With features_first, x is (N, D, S) and the permutation acts on dim 1: each row of S
+// positions is read whole from its source row, in order (features_first_forward/_backward).
 // index and inverse are checked on every call (O(D)): in range and inverse[index[i]] = i,
 // so a corrupted index raises instead of reading out of bounds. Rows are cut into fixed
 // chunks (chunk_rows), the work items and the terms of dalpha's deterministic sum (see
@@ -26,8 +28,7 @@ using namespace elementwise;
 // index and inverse as int32 (half the bytes of the int64 tensors), after checking that
 // they are inverse permutations of 0..d-1.
 std::vector<int32_t> checked_permutation(const at::Tensor& index, const at::Tensor& inverse, const at::Tensor& x,
-                                         const at::Tensor& which) {
-  const int64_t d = x.size(-1);
+                                         int64_t d, const at::Tensor& which) {
   check_cpu(index, "index");
   check_cpu(inverse, "inverse");
   check_index(index, "index", d, x);
@@ -156,14 +157,57 @@ at::Tensor permuted_copy(const Rows& r, const at::Tensor& index) {
   return r.t.as_strided({r.rows, r.cols}, {r.stride, 1}).index_select(1, index).contiguous();
 }
 
+// x (N, D, S) read in place where its last dim is contiguous (else copied).
+at::Tensor features_first_operand(const at::Tensor& t) {
+  return t.stride(2) == 1 || t.size(2) <= 1 ? t : t.contiguous();
+}
+
+// Rows per chunk of a features-first map: about kChunk elements, rows of S positions.
+int64_t features_first_chunk_rows(int64_t s) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(s, 1)); }
+
+void check_features_first(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3, "a features-first x must be (N, D, S), got shape ", x.sizes());
+}
+
+// Features first, x (N, D, S): each (n, i) row of S positions is row index[i] of image n,
+// read in order, so the identity's segment kernel runs on it directly (no tiles).
+at::Tensor features_first_forward(const at::Tensor& x_in, const std::vector<int32_t>& idx, double a,
+                                  const c10::optional<at::Tensor>& branch) {
+  at::Tensor y = at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x_in.numel() == 0) return y;
+  const at::Tensor x = features_first_operand(x_in);
+  const at::Tensor b = branch.has_value() ? features_first_operand(*branch) : at::Tensor();
+  const int64_t d = x.size(1), s = x.size(2), rows = x.size(0) * d, per = features_first_chunk_rows(s);
+  AT_DISPATCH_V2(x.scalar_type(), "entskip_permutation_skip_add_features_first_cpu", AT_WRAP([&] {
+    using A = acc_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin * per; q < std::min(end * per, rows); ++q) {
+        const int64_t n = q / d, i = q % d;
+        const scalar_t* xq = xp + n * x.stride(0) + idx[i] * x.stride(1);
+        if (bp != nullptr) {
+          forward_segment<true>(xq, bp + n * b.stride(0) + i * b.stride(1), yp + q * s, s, static_cast<A>(a));
+        } else {
+          forward_segment<false>(xq, bp, yp + q * s, s, static_cast<A>(a));
+        }
+      }
+    });
+  }), at::kFloat, at::kDouble, at::kBFloat16, at::kHalf);
+  return y;
+}
+
 at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, const at::Tensor& inverse,
-                                const at::Tensor& alpha, const c10::optional<at::Tensor>& branch) {
+                                const at::Tensor& alpha, const c10::optional<at::Tensor>& branch, bool features_first) {
   check_floating(x, "x");
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension (the features)");
+  if (features_first) check_features_first(x);
   check_alpha(alpha, x);
   if (branch.has_value()) check_like(*branch, x, "branch");
-  const std::vector<int32_t> idx = checked_permutation(index, inverse, x, index);
+  const std::vector<int32_t> idx = checked_permutation(index, inverse, x, x.size(features_first ? 1 : -1), index);
   const double a = alpha_value(alpha);
+  if (features_first) return features_first_forward(x, idx, a, branch);
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.numel() == 0) return y;
   const Rows xr = as_rows(x);
@@ -217,16 +261,50 @@ void backward_kernel(const Rows& gr, const Rows& xr, const int32_t* inv, const a
   });
 }
 
+// Features first: dx[n, j, :] = a * g[n, inv[j], :] and g[n, inv[j], :] . x[n, j, :] into
+// dalpha, row by row, chunks of features_first_chunk_rows rows adding partials[c].
+template <bool DX, bool DA, typename T>
+void features_first_backward(const at::Tensor& g, const at::Tensor& x, const int32_t* inv, T* dxp, double a,
+                             std::vector<double>& partials) {
+  using A = acc_type<T>;
+  const int64_t d = g.size(1), s = g.size(2), rows = g.size(0) * d, per = features_first_chunk_rows(s);
+  const T* gp = g.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      simd::Vec<A> acc[2] = {};
+      A tail = 0;
+      for (int64_t q = c * per; q < std::min((c + 1) * per, rows); ++q) {
+        const int64_t n = q / d, j = q % d;
+        backward_segment<DX, DA>(gp + n * g.stride(0) + inv[j] * g.stride(1), xp + n * x.stride(0) + j * x.stride(1),
+                                 DX ? dxp + q * s : nullptr, s, static_cast<A>(a), acc, tail);
+      }
+      if constexpr (DA) partials[c] = lane_sum<A>(acc[0] + acc[1]) + static_cast<double>(tail);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> permutation_skip_add_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                  const at::Tensor& index, const at::Tensor& inverse,
                                                                  const at::Tensor& alpha,
-                                                                 std::array<bool, 2> output_mask) {
+                                                                 std::array<bool, 2> output_mask,
+                                                                 bool features_first) {
   check_floating(x, "x");
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension (the features)");
+  if (features_first) check_features_first(x);
   check_alpha(alpha, x);
   check_like(grad, x, "grad");
-  const std::vector<int32_t> inv = checked_permutation(index, inverse, x, inverse);
+  const std::vector<int32_t> inv = checked_permutation(index, inverse, x, x.size(features_first ? 1 : -1), inverse);
   const double a = alpha_value(alpha);
+  if (features_first) {
+    const int64_t rows = x.size(0) * x.size(1), per = features_first_chunk_rows(x.size(2));
+    return elementwise::backward(x, alpha, output_mask, (rows + per - 1) / per,
+                                 [&](auto* dxp, auto& partials, auto dx, auto da) {
+      const at::Tensor g = features_first_operand(grad);
+      const at::Tensor xf = da ? features_first_operand(x) : g;  // x is read only for dalpha
+      features_first_backward<decltype(dx)::value, decltype(da)::value>(g, xf, inv.data(), dxp, a, partials);
+    });
+  }
   const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d, per = chunk_rows(d);
   return elementwise::backward(x, alpha, output_mask, (rows + per - 1) / per,
                                [&](auto* dxp, auto& partials, auto dx, auto da) {

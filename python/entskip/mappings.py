@@ -140,6 +140,12 @@ class Mapping(nn.Module):
         (``branch`` and the result then ``(N, out_features, S)``)."""
         raise NotImplementedError
 
+    def skip_add_features_first(self, x: Tensor, branch: Tensor | None, alpha: Tensor) -> Tensor:
+        """``alpha * (M @ x[n]) + branch[n]`` for validated features-first ``x (N, in_features, S)``,
+        where :attr:`features_first`: :meth:`skip_add_2d`, unless a mapping that takes any rank
+        (whose 3-D input would be features last) says otherwise."""
+        return self.skip_add_2d(x, branch, alpha)
+
     @property
     def density(self) -> float:
         """Fraction of ``M``'s entries that are stored (structural non-zeros)."""
@@ -234,6 +240,7 @@ class PermutationMapping(Mapping):
 
     kind = "permutation"
     any_rank = True
+    features_first = True  # skip_add_features_first permutes dim 1 of (N, D, S) in place
 
     def __init__(self, index: Tensor):
         _check_permutation(index)
@@ -248,12 +255,19 @@ class PermutationMapping(Mapping):
         return torch.eye(self.in_features, device=self.index.device)[self.index]
 
     def skip_add_2d(self, x, branch, alpha):
+        return permutation_skip_add(x, self._checked_index(x), self.inverse, branch, alpha)
+
+    def skip_add_features_first(self, x, branch, alpha):
+        return permutation_skip_add(x, self._checked_index(x), self.inverse, branch, alpha, features_first=True)
+
+    def _checked_index(self, x: Tensor) -> Tensor:
+        """``index``, on ``x``'s device and (once per version) still a permutation."""
         index = self.index
         devices.check_same(x, **{"mapping.index": index})
         if not torch.compiler.is_compiling() and not versions.is_current((index,), "permutation"):
             _check_permutation(index, self.in_features, "the mapping's index (edited in place?)")
             versions.remember((index,), "permutation")
-        return permutation_skip_add(x, index, self.inverse, branch, alpha)
+        return index
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         index = state_dict.get(prefix + "index")

@@ -217,8 +217,8 @@ def skip_add(
         feature_dim: the dimension of ``x`` and ``branch`` that holds the features
             (``1`` for ``(N, C, H, W)``). Free (no copy of ``x``) for ``channels_last``
             tensors, which run features last, and for contiguous ones (``NCHW``), which
-            run the ops' features-first format on the ``(N, C, H * W)`` view (except for
-            permutation mappings, which copy to features last).
+            run the ops' features-first format on the ``(N, C, H * W)`` view (on CUDA
+            tensors the permutation's kernels copy it to features last and back).
 
     Returns:
         ``x``'s shape with ``D_out`` features, ``x``'s dtype (the autocast dtype
@@ -266,6 +266,8 @@ def skip_add(
         # as a strided view, which it copies into this format.
         n, s = math.prod(x.shape[:fd]), math.prod(x.shape[fd + 1:])
         b3 = None if branch is None else branch.reshape(n, d_out, s)
+        if isinstance(mapping, Mapping):
+            run = mapping.skip_add_features_first
         return run(x.view(n, d_in, s), b3, alpha).reshape(out_shape)
     lead = xm.shape[:-1]
     x2 = xm.reshape(-1, d_in)
