@@ -262,12 +262,12 @@ void backward_kernel(const Rows& gr, const Rows& xr, const int32_t* inv, const a
 }
 
 // Features first: dx[n, j, :] = a * g[n, inv[j], :] and g[n, inv[j], :] . x[n, j, :] into
-// dalpha, row by row, chunks of features_first_chunk_rows rows adding partials[c].
+// dalpha, row by row, chunks of `per` rows (features_first_chunk_rows) adding partials[c].
 template <bool DX, bool DA, typename T>
-void features_first_backward(const at::Tensor& g, const at::Tensor& x, const int32_t* inv, T* dxp, double a,
-                             std::vector<double>& partials) {
+void features_first_backward(const at::Tensor& g, const at::Tensor& x, const int32_t* inv, int64_t per, T* dxp,
+                             double a, std::vector<double>& partials) {
   using A = acc_type<T>;
-  const int64_t d = g.size(1), s = g.size(2), rows = g.size(0) * d, per = features_first_chunk_rows(s);
+  const int64_t d = g.size(1), s = g.size(2), rows = g.size(0) * d;
   const T* gp = g.const_data_ptr<T>();
   const T* xp = x.const_data_ptr<T>();
   at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
@@ -302,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> permutation_skip_add_backward(const at::Tenso
                                  [&](auto* dxp, auto& partials, auto dx, auto da) {
       const at::Tensor g = features_first_operand(grad);
       const at::Tensor xf = da ? features_first_operand(x) : g;  // x is read only for dalpha
-      features_first_backward<decltype(dx)::value, decltype(da)::value>(g, xf, inv.data(), dxp, a, partials);
+      features_first_backward<decltype(dx)::value, decltype(da)::value>(g, xf, inv.data(), per, dxp, a, partials);
     });
   }
   const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d, per = chunk_rows(d);

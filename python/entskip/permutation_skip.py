@@ -36,7 +36,7 @@ def permutation_skip_add(x: Tensor, index: Tensor, inverse: Tensor, branch: Tens
     """Run the permutation skip-add on the active backend (inputs already validated)."""
     if backends.resolve(x.device) == "reference":
         if features_first:
-            return reference.permutation_skip_add(x.transpose(1, 2), index, _swapped(branch), alpha).transpose(1, 2).contiguous()
+            return _swapped_back(reference.permutation_skip_add(x.transpose(1, 2), index, _swapped(branch), alpha))
         return reference.permutation_skip_add(x, index, branch, alpha)
     return torch.ops.entskip.permutation_skip_add(x, index, inverse, alpha, branch, features_first)
 
@@ -44,6 +44,11 @@ def permutation_skip_add(x: Tensor, index: Tensor, inverse: Tensor, branch: Tens
 def _swapped(t: Tensor | None) -> Tensor | None:
     """``t`` with dims 1 and 2 swapped (a view), ``None`` for ``None``."""
     return None if t is None else t.transpose(1, 2)
+
+
+def _swapped_back(t: Tensor | None) -> Tensor | None:
+    """A features-last ``(N, S, D)`` result as a contiguous ``(N, D, S)`` tensor, ``None`` for ``None``."""
+    return None if t is None else t.transpose(1, 2).contiguous()
 
 
 def gpu_forward(x, index, inverse, alpha, branch, backend, features_first=False):
@@ -55,7 +60,7 @@ def gpu_forward(x, index, inverse, alpha, branch, backend, features_first=False)
     """
     if features_first:
         _check_features_first(x)
-        return gpu_forward(x.transpose(1, 2), index, inverse, alpha, _swapped(branch), backend).transpose(1, 2).contiguous()
+        return _swapped_back(gpu_forward(x.transpose(1, 2), index, inverse, alpha, _swapped(branch), backend))
     gpu_dispatch.check_elementwise(x, alpha, branch=branch)
     gpu_dispatch.validate_permutation(index, inverse, x)
     if backend == "cuda":
@@ -68,7 +73,7 @@ def gpu_backward(grad, x, index, inverse, alpha, output_mask, backend, features_
     if features_first:
         _check_features_first(x)
         dx, dalpha = gpu_backward(grad.transpose(1, 2), x.transpose(1, 2), index, inverse, alpha, output_mask, backend)
-        return None if dx is None else dx.transpose(1, 2).contiguous(), dalpha
+        return _swapped_back(dx), dalpha
     gpu_dispatch.check_elementwise(x, alpha, grad=grad)
     gpu_dispatch.validate_permutation(index, inverse, x)
     if backend == "cuda":
