@@ -74,9 +74,9 @@ void load_tile(const T* p, int64_t stride, int64_t d, int64_t n, T* t) {
   int64_t c = 0;
   for (; c + W <= d; c += W) {
     typename Tile<T>::Column v[W];
-    for (int k = 0; k < W; ++k) std::memcpy(&v[k], row[k] + c, sizeof(v[k]));
+    for (int k = 0; k < W; ++k) v[k] = simd::load_bits<typename Tile<T>::Column>(row[k] + c);
     simd::transpose_rows(v);
-    for (int k = 0; k < W; ++k) std::memcpy(t + (c + k) * W, &v[k], sizeof(v[k]));
+    for (int k = 0; k < W; ++k) simd::store_bits(t + (c + k) * W, v[k]);
   }
   for (; c < d; ++c) {
     for (int k = 0; k < W; ++k) t[c * W + k] = row[k][c];
@@ -90,9 +90,9 @@ void permute_tile(const T* t, const int32_t* idx, int64_t d, T* out) {
   int64_t i = 0;
   for (; i + W <= d; i += W) {
     typename Tile<T>::Column v[W];
-    for (int l = 0; l < W; ++l) std::memcpy(&v[l], t + static_cast<int64_t>(idx[i + l]) * W, sizeof(v[l]));
+    for (int l = 0; l < W; ++l) v[l] = simd::load_bits<typename Tile<T>::Column>(t + static_cast<int64_t>(idx[i + l]) * W);
     simd::transpose_rows(v);
-    for (int k = 0; k < W; ++k) std::memcpy(out + k * d + i, &v[k], sizeof(v[k]));
+    for (int k = 0; k < W; ++k) simd::store_bits(out + k * d + i, v[k]);
   }
   for (; i < d; ++i) {
     for (int k = 0; k < W; ++k) out[k * d + i] = t[static_cast<int64_t>(idx[i]) * W + k];
