@@ -277,18 +277,24 @@ def test_many_row_tiles(block, dtype, poisoned, cpu_backend):
     _check_against_reference(make_mapping("bsr_rect", 256, block, seed=7, out_dim=128), dtype, (5, 821), True)
 
 
-@pytest.mark.parametrize("avx512_bf16", ["0", "1"], ids=["widened", "avx512_bf16"])
+@pytest.mark.parametrize("path", ["widened", "avx512_bf16", "amx"])
 @pytest.mark.parametrize(
     "kind, block, dim",
     [(k, b, 128) for k in ("sparse", "bsr_rect") for b in (16, 32, 64)] + [("sparse", 16, 144), ("orthogonal", 32, 128)],
 )
-def test_cpu_bfloat16_paths_match_reference(avx512_bf16, kind, block, dim, monkeypatch, poisoned, cpu_backend):
-    """bfloat16 runs the widened float32 kernels, or, in builds for AVX512-BF16 CPUs
+def test_cpu_bfloat16_paths_match_reference(path, kind, block, dim, monkeypatch, poisoned, cpu_backend):
+    """bfloat16 runs the widened float32 kernels; in builds for AVX512-BF16 CPUs
     (entskip._C.avx512_bf16), dot products over bfloat16 pairs (forward/dx where the input
     width is a multiple of 32, else widened: dim 144; dV always; the dense mapping through the
-    block kernel): both, chosen by ENTSKIP_CPU_AVX512_BF16, against the float64 reference, on
-    rows that cross several tiles and end on an odd row."""
-    monkeypatch.setenv("ENTSKIP_CPU_AVX512_BF16", avx512_bf16)
+    block kernel); on CPUs with AMX-BF16 (entskip._C.amx), the forward and dx on AMX tiles
+    (any input width). Each, chosen by ENTSKIP_CPU_AMX and ENTSKIP_CPU_AVX512_BF16, against the
+    float64 reference, on rows that cross several tiles and end on a partial AMX unit."""
+    import entskip._C
+
+    if path == "amx" and not entskip._C.amx:
+        pytest.skip("this CPU has no AMX-BF16 tiles")
+    monkeypatch.setenv("ENTSKIP_CPU_AMX", "1" if path == "amx" else "0")
+    monkeypatch.setenv("ENTSKIP_CPU_AVX512_BF16", "0" if path == "widened" else "1")
     monkeypatch.setenv("ENTSKIP_CPU_DENSE_KERNEL", "blocks")
     out_dim = dim + 64 if kind in RECT else dim
     _check_against_reference(make_mapping(kind, dim, block, seed=11, out_dim=out_dim), torch.bfloat16, (7, 331), True)
@@ -298,12 +304,59 @@ def test_cpu_avx512_bf16_switch_is_checked(monkeypatch, cpu_backend):
     import entskip._C
 
     monkeypatch.setenv("ENTSKIP_CPU_AVX512_BF16", "yes")
+    monkeypatch.setenv("ENTSKIP_CPU_AMX", "0")  # the AMX path does not read the switch
     x = torch.randn(4, 64).bfloat16()
     mapping = make_mapping("sparse", 64, 32, seed=1).bfloat16()
     if not entskip._C.avx512_bf16:
         pytest.skip("this build has no AVX512-BF16 paths: the switch is not read")
     with pytest.raises(RuntimeError, match="ENTSKIP_CPU_AVX512_BF16 must be '0', '1' or empty"):
         entskip.skip_add(x, mapping)
+
+
+def test_cpu_amx_switch_is_checked(monkeypatch, cpu_backend):
+    monkeypatch.setenv("ENTSKIP_CPU_AMX", "yes")
+    x = torch.randn(4, 64).bfloat16()
+    mapping = make_mapping("sparse", 64, 32, seed=1).bfloat16()
+    with pytest.raises(RuntimeError, match="ENTSKIP_CPU_AMX must be '0', '1' or empty"):
+        entskip.skip_add(x, mapping)
+
+
+@pytest.mark.parametrize("amx", ["0", "1"])
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_cpu_bfloat16_products_do_not_depend_on_the_thread_count(amx, block, monkeypatch, cpu_backend):
+    """Each output element sums its blocks in a fixed order on whichever path runs: the
+    bfloat16 forward and dx on 1 and 2 threads, bitwise, over rows that end on a partial unit."""
+    monkeypatch.setenv("ENTSKIP_CPU_AMX", amx)
+    mapping = make_mapping("sparse", 256, block, seed=3).bfloat16()
+    values = stored_tensor(mapping).requires_grad_(True)
+    x = torch.randn(1037, 256).bfloat16().requires_grad_(True)
+    r = torch.randn(1037, 256).bfloat16()
+
+    def run():
+        y = entskip.skip_add(x, mapping, r, 0.7)
+        return (y, *torch.autograd.grad(y, [x, values], torch.randn(1037, 256, generator=torch.Generator().manual_seed(5)).bfloat16()))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not entskip.backends.native_available(), reason="entskip._C did not load")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="compares with /proc/cpuinfo")
+def test_cpu_kernels_use_amx_where_the_cpu_has_it():
+    """The AMX paths are compiled for every x86-64 build and taken where the CPU has AMX-BF16
+    (and Linux grants the tile state, as it does from 5.16 on)."""
+    import entskip._C
+
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    assert entskip._C.amx == int("amx_bf16" in flags and "amx_tile" in flags)
 
 
 @pytest.mark.skipif(not entskip.backends.native_available(), reason="entskip._C did not load")

@@ -1,5 +1,5 @@
 // The fused block-row product behind the CPU skip-adds (forward and dx of the BSR op,
-// and the reduced-precision dense op):
+// and the reduced-precision dense op; bfloat16 on AMX tiles in block_row_amx.h):
 //
 //   out[:, i] = alpha * sum_{t in row i} a[:, idx[t]] @ B[t] (+ branch[:, i])
 //
@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "block_row_amx.h"
 #include "common.h"
 #include "simd.h"
 
@@ -212,18 +213,6 @@ struct Bf16PairOperands {
                     bool stream) {
     block_row_micro_bf16_pairs<B, MR>(P, ldp, Bp, idx, t0, t1, alpha, branch, ldo, out, rows, stream);
   }
-  // Bp[t][k][j] = (bf16(Bv[t][2k][j]), bf16(Bv[t][2k + 1][j])) for the nnz float32 blocks Bv.
-  static std::vector<uint32_t> blocks(const float* Bv, int64_t nnz) {
-    std::vector<uint32_t> Bp(nnz * kBlockElems);
-    const auto bits = [](float f) { return static_cast<uint32_t>(c10::BFloat16(f).x); };
-    for (int64_t t = 0; t < nnz; ++t)
-      for (int k = 0; k < B / 2; ++k)
-        for (int j = 0; j < B; ++j) {
-          const float* src = Bv + (t * B + 2 * k) * B + j;
-          Bp[t * kBlockElems + k * B + j] = bits(src[0]) | bits(src[B]) << 16;
-        }
-    return Bp;
-  }
 };
 #endif
 
@@ -330,11 +319,20 @@ void block_row_product(const scalar_t* a, int64_t lda, const acc_t* B, const int
                        int64_t nrows, int64_t b, int64_t N, acc_t alpha, const scalar_t* branch, scalar_t* out) {
   const bool done = with_fixed_block(b, [&](auto block) {
     constexpr int kB = decltype(block)::value;
+#if ENTSKIP_AMX
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (amx_available()) {
+        const std::vector<uint32_t> pairs = bf16_pair_blocks<kB>(B, ptr[nrows]);
+        block_row_product_amx<kB>(a, lda, pairs.data(), ptr, idx, nrows, N, alpha, branch, out);
+        return;
+      }
+    }
+#endif
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       using Ops = Bf16PairOperands<kB>;
       if (use_avx512_bf16() && Ops::fits(lda)) {
-        const std::vector<uint32_t> pairs = Ops::blocks(B, ptr[nrows]);
+        const std::vector<uint32_t> pairs = bf16_pair_blocks<kB>(B, ptr[nrows]);
         block_row_product_fixed<scalar_t, acc_t, kB, Ops>(a, lda, pairs.data(), ptr, idx, nrows, N, alpha, branch,
                                                           out);
         return;
