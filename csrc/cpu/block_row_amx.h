@@ -167,6 +167,106 @@ inline void scale_add_row(const float* sums, float alpha, const c10::BFloat16* b
   }
 }
 
+// S[m][c] += sum_{q < steps} g[q][m] . x[q][c] (m, c < B; S row-major, float32) on AMX tiles,
+// where g and x are (steps, B) panels of bfloat16 pairs of consecutive positions (the panels
+// of the sampled dM: word [q][f] = feature f at positions 2q and 2q + 1). A product takes 16
+// pair rows: x's panel rows are its second operand as they are; its first, 16 features m by
+// 32 positions, is the transpose of 16 x 16 words of g's panel, made first (gt). Pair rows
+// from `steps` up to the next multiple of 16 count as zeros in both.
+template <int B>
+__attribute__((target("amx-tile,amx-bf16"))) void sampled_block(const uint32_t* g, const uint32_t* x, int64_t steps,
+                                                                 float* S) {
+  static_assert(B == 16 || B == 32 || B == 64, "AMX kernels for blocks of 16, 32 and 64");
+  using Words = simd::U32x16;
+  constexpr int kMaxSteps = 64;
+  TORCH_CHECK(steps <= kMaxSteps, "sampled_block: at most ", kMaxSteps, " pair rows per call, got ", steps);
+  const int64_t kpad = (steps + 15) / 16 * 16;
+  alignas(64) uint32_t gt[B * kMaxSteps];  // gt[m * kpad + q] = g[q][m]
+  for (int64_t q0 = 0; q0 < kpad; q0 += 16) {
+    for (int m0 = 0; m0 < B; m0 += 16) {
+      Words v[16];
+      for (int q = 0; q < 16; ++q) v[q] = q0 + q < steps ? simd::load_bits<Words>(g + (q0 + q) * B + m0) : Words{};
+      simd::transpose_rows(v);
+      for (int m = 0; m < 16; ++m) simd::store_bits(gt + (m0 + m) * kpad + q0, v[m]);
+    }
+  }
+  alignas(64) uint32_t x_tail[16 * B];  // the last, partial 16 pair rows of x, zero-padded
+  const int64_t full = steps / 16 * 16;
+  if (full < steps) {
+    std::memset(x_tail, 0, sizeof(x_tail));
+    std::memcpy(x_tail, x + full * B, (steps - full) * B * sizeof(uint32_t));
+  }
+  TileConfig config;
+  for (int r = 0; r < 8; ++r) {
+    config.rows[r] = 16;
+    config.colsb[r] = 64;
+  }
+  _tile_loadconfig(&config);
+  asm volatile("" ::: "memory");  // gt and x_tail are written before the tile loads read them
+  const int64_t gs = kpad * 4, xs = B * 4, ss = B * 4;
+  // Accumulators 0-3 hold S rows 16 p .. + 15 (passes p) and columns 16 h .. + 15: B = 16 one
+  // tile, B = 32 the four (p, h) of its one pass, B = 64 the four h of each of four passes.
+  constexpr int kPasses = B == 64 ? 4 : 1;
+  for (int p = 0; p < kPasses; ++p) {
+    float* Sp = S + 16 * p * B;
+    if constexpr (B == 16) {
+      _tile_loadd(0, Sp, ss);
+    } else if constexpr (B == 32) {
+      _tile_loadd(0, Sp, ss);
+      _tile_loadd(1, Sp + 16, ss);
+      _tile_loadd(2, Sp + 16 * B, ss);
+      _tile_loadd(3, Sp + 16 * B + 16, ss);
+    } else {
+      _tile_loadd(0, Sp, ss);
+      _tile_loadd(1, Sp + 16, ss);
+      _tile_loadd(2, Sp + 32, ss);
+      _tile_loadd(3, Sp + 48, ss);
+    }
+    for (int64_t q0 = 0; q0 < kpad; q0 += 16) {
+      const uint32_t* xq = q0 < full ? x + q0 * B : x_tail;
+      const uint32_t* gq = gt + 16 * p * kpad + q0;
+      if constexpr (B == 16) {
+        _tile_loadd(4, gq, gs);
+        _tile_loadd(6, xq, xs);
+        _tile_dpbf16ps(0, 4, 6);
+      } else if constexpr (B == 32) {
+        _tile_loadd(4, gq, gs);
+        _tile_loadd(5, gq + 16 * kpad, gs);
+        _tile_loadd(6, xq, xs);
+        _tile_loadd(7, xq + 16, xs);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      } else {
+        _tile_loadd(4, gq, gs);
+        _tile_loadd(6, xq, xs);
+        _tile_loadd(7, xq + 16, xs);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(6, xq + 32, xs);
+        _tile_loadd(7, xq + 48, xs);
+        _tile_dpbf16ps(2, 4, 6);
+        _tile_dpbf16ps(3, 4, 7);
+      }
+    }
+    if constexpr (B == 16) {
+      _tile_stored(0, Sp, ss);
+    } else if constexpr (B == 32) {
+      _tile_stored(0, Sp, ss);
+      _tile_stored(1, Sp + 16, ss);
+      _tile_stored(2, Sp + 16 * B, ss);
+      _tile_stored(3, Sp + 16 * B + 16, ss);
+    } else {
+      _tile_stored(0, Sp, ss);
+      _tile_stored(1, Sp + 16, ss);
+      _tile_stored(2, Sp + 32, ss);
+      _tile_stored(3, Sp + 48, ss);
+    }
+  }
+  _tile_release();
+}
+
 }  // namespace amx
 
 // block_row_product for bfloat16 with B x B blocks on AMX tiles: Bp from bf16_pair_blocks,

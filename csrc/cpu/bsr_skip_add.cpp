@@ -145,25 +145,37 @@ ENTSKIP_MICRO_KERNEL void sampled_micro_bf16_pairs(const uint32_t* g, const uint
 }
 
 // bfloat16 pairs: one panel row per two rows of N, word j = (row0[j], row1[j]), the first
-// row in the lower half (row1 = nullptr, past the end of N, counts as zeros).
+// row in the lower half (row1 = nullptr, past the end of N, counts as zeros); the panels of
+// the AVX512-BF16 and AMX micro-kernels.
 template <int B>
-struct SampledBf16Pairs {
+struct SampledBf16PairPanels {
   using panel_t = uint32_t;
   static constexpr int kRowsPerStep = 2;
-  static constexpr int MS = Blocking<float, B>::MS;
   static void pack(panel_t* dst, const c10::BFloat16* row0, const c10::BFloat16* row1) {
     using simd::U16x16, simd::U32x16;
     for (int v = 0; v < B; v += 16) {
-      U16x16 lo, hi{};
-      std::memcpy(&lo, row0 + v, sizeof(lo));
-      if (row1 != nullptr) std::memcpy(&hi, row1 + v, sizeof(hi));
-      const U32x16 words = __builtin_convertvector(lo, U32x16) | __builtin_convertvector(hi, U32x16) << 16;
-      std::memcpy(dst + v, &words, sizeof(words));
+      const U16x16 lo = simd::load_bits<U16x16>(row0 + v);
+      const U16x16 hi = row1 != nullptr ? simd::load_bits<U16x16>(row1 + v) : U16x16{};
+      simd::store_bits(dst + v, __builtin_convertvector(lo, U32x16) | __builtin_convertvector(hi, U32x16) << 16);
     }
   }
-  static void micro(const panel_t* g, const panel_t* x, int64_t steps, float* S) {
+};
+
+template <int B>
+struct SampledBf16Pairs : SampledBf16PairPanels<B> {
+  static constexpr int MS = Blocking<float, B>::MS;
+  static void micro(const uint32_t* g, const uint32_t* x, int64_t steps, float* S) {
     sampled_micro_bf16_pairs<B, MS>(g, x, steps, S);
   }
+};
+#endif
+
+#if ENTSKIP_AMX && defined(__AVX512BF16__)
+// The same panels on AMX tiles (amx::sampled_block), one call per block and chunk.
+template <int B>
+struct SampledAmx : SampledBf16PairPanels<B> {
+  static constexpr int MS = B;
+  static void micro(const uint32_t* g, const uint32_t* x, int64_t steps, float* S) { amx::sampled_block<B>(g, x, steps, S); }
 };
 #endif
 
@@ -253,6 +265,14 @@ void sampled_gradient(MakeLayouts&& make_layouts, const int64_t* crow, const int
     const auto [g, x] = make_layouts();
     const bool done = with_fixed_block(b, [&](auto block) {
       constexpr int kB = decltype(block)::value;
+#if ENTSKIP_AMX && defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (amx_available()) {
+          sampled_blocks_fixed<scalar_t, acc_t, kB, SampledAmx<kB>>(g, x, row_of.data(), col, begin, end, P, S);
+          return;
+        }
+      }
+#endif
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (use_avx512_bf16()) {
