@@ -300,7 +300,7 @@ void block_row_product_amx(const c10::BFloat16* a, int64_t lda, const uint32_t* 
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n0 = w * tile, rows = std::min(N, n0 + tile) - n0;
       const int64_t tail = rows % unit;
-      if (tail != 0) {
+      if (tail != 0 && lda > 0) {
         padded.assign(unit * lda, c10::BFloat16(0.0f));
         std::memcpy(padded.data(), a + (n0 + rows - tail) * lda, tail * lda * sizeof(c10::BFloat16));
       }
