@@ -159,6 +159,35 @@ def test_bsr_ops_3d_match_reference(dtype, n, s, poisoned):
     assert dx.shape == x.shape and y.shape == r.shape
 
 
+@pytest.mark.parametrize("path", ["amx", "avx512"])
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("n,s", [(1, 1), (2, 15), (3, 49), (2, 100), (1, 197)])
+def test_bfloat16_bsr_3d_paths_match_reference(path, block, n, s, monkeypatch, poisoned):
+    """bfloat16 NCHW maps on AMX tiles (entskip._C.amx) and on the AVX-512 paths: forward,
+    dx and the sampled dvalues against the float64 reference, spatial sizes that end inside
+    a 16- and a 48-position unit."""
+    import entskip._C
+
+    if path == "amx" and not entskip._C.amx:
+        pytest.skip("this CPU has no AMX-BF16 tiles")
+    monkeypatch.setenv("ENTSKIP_CPU_AMX", "1" if path == "amx" else "0")
+    m = mappings.sparse(4 * block, density=0.5, block=block, seed=3, construction="random")
+    values, *layout = _bsr_args(m, torch.bfloat16)
+    x, r, g = _op_inputs(4 * block, 4 * block, n, s, torch.bfloat16, seed=block + s)
+    a = _alpha(torch.bfloat16)
+    M = m.matrix().double()
+    y = torch.ops.entskip.bsr_skip_add(x, values, *layout, a, r)
+    assert_close(y, 0.7 * (M @ x.double()) + r.double(), torch.bfloat16, "y")
+    dx, dv, _ = torch.ops.entskip.bsr_skip_add_backward(g, x, values, *layout, a, [True, True, False])
+    assert_close(dx, 0.7 * (M.T @ g.double()), torch.bfloat16, "dx")
+    full = torch.einsum("nos,ncs->oc", g.double(), x.double())
+    rows = reference.block_rows(m.layout.crow_indices)
+    sampled = torch.stack([full[i * block:(i + 1) * block, j * block:(j + 1) * block]
+                           for i, j in zip(rows.tolist(), m.layout.col_indices.tolist())])
+    scale = max(float(torch.einsum("nos,ncs->oc", g.double().abs(), x.double().abs()).max()), 1.0)
+    assert_close(dv, 0.7 * sampled, torch.bfloat16, "dvalues", scale=scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n,s", [(0, 7), (1, 1), (3, 49)])
 def test_dense_ops_3d_match_reference(dtype, n, s, poisoned):

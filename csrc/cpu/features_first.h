@@ -237,6 +237,111 @@ void ff_block_product_with(const scalar_t* a, int64_t d_a, const acc_t* B, const
   });
 }
 
+#if ENTSKIP_AMX && defined(__AVX512BF16__)
+// The features-first product on AMX tiles (bfloat16, b = B in {16, 32, 64}): accumulators 0-2
+// hold 16 output features x 48 positions; a product takes K input features (32; 16 at B =
+// 16): the block's 16 x K entries (At[t][o][k], bfloat16 rows, tile 3) times K / 2 packed
+// pair rows of the input tile (FfBf16Pairs' packing: a tile's second operand as it is;
+// tiles 5-7, 16 positions each).
+template <int B>
+struct FfAmx {
+  static constexpr int K = B < 32 ? B : 32;
+  static constexpr int64_t kCols = 48;  // positions per unit: FfBlocking<float>'s chunk
+
+  static amx::TileConfig config() {
+    amx::TileConfig c;
+    for (int r = 0; r < 8; ++r) {
+      c.rows[r] = r >= 5 ? K / 2 : 16;
+      c.colsb[r] = r == 3 ? K * 2 : 64;
+    }
+    return c;
+  }
+
+  // sums[m][c] (m < 16, c < 48, row stride 48) = sum over blocks [t0, t1) of At[t][o0 + m][:] .
+  // the input features idx[t] * B .. + B at positions c of P (pair rows ldp words apart).
+  __attribute__((target("amx-tile,amx-bf16"))) static void products(const uint32_t* P, int64_t ldp,
+                                                                      const c10::BFloat16* At, const int64_t* idx,
+                                                                      int64_t t0, int64_t t1, int64_t o0,
+                                                                      float* sums) {
+    asm volatile("" ::: "memory");  // P is written before the tile loads read it
+    const int64_t ps = ldp * 4;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint32_t* Pt = P + idx[t] * (B / 2) * ldp;
+      const c10::BFloat16* at = At + (t * B + o0) * B;
+      for (int k0 = 0; k0 < B; k0 += K) {
+        const uint32_t* Pk = Pt + (k0 / 2) * ldp;
+        _tile_loadd(3, at + k0, B * 2);
+        _tile_loadd(5, Pk, ps);
+        _tile_loadd(6, Pk + 16, ps);
+        _tile_loadd(7, Pk + 32, ps);
+        _tile_dpbf16ps(0, 3, 5);
+        _tile_dpbf16ps(1, 3, 6);
+        _tile_dpbf16ps(2, 3, 7);
+      }
+    }
+    _tile_stored(0, sums, kCols * 4);
+    _tile_stored(1, sums + 16, kCols * 4);
+    _tile_stored(2, sums + 32, kCols * 4);
+  }
+};
+
+// ff_block_product for bfloat16 on AMX tiles, with the work items of ff_block_product_with
+// (image, tile of S columns, group of block rows) and its packing (FfBf16Pairs), in units
+// of 16 output features by 48 positions.
+template <int B>
+void ff_block_product_amx(const c10::BFloat16* a, int64_t d_a, const float* Bv, const int64_t* ptr,
+                          const int64_t* idx, int64_t nrows, int64_t N, int64_t S, float alpha,
+                          const c10::BFloat16* branch, c10::BFloat16* out) {
+  using Kern = FfAmx<B>;
+  constexpr int64_t CW = Kern::kCols;
+  const int64_t nnz = ptr[nrows], prows = d_a / 2, d_out = nrows * B;
+  std::vector<c10::BFloat16> At(nnz * B * B);  // At[t][o][k] = Bv[t][k][o]
+  for (int64_t t = 0; t < nnz; ++t)
+    for (int64_t k = 0; k < B; ++k)
+      for (int64_t o = 0; o < B; ++o) At[(t * B + o) * B + k] = c10::BFloat16(Bv[(t * B + k) * B + o]);
+  const int64_t fit = kTileBytes / (std::max<int64_t>(prows, 1) * 4);
+  const int64_t tile = std::clamp<int64_t>(fit / CW, 1, (S + CW - 1) / CW) * CW;
+  const int64_t ntiles = (S + tile - 1) / tile, spatial = N * ntiles;
+  const int64_t groups = std::clamp<int64_t>((4 * at::get_num_threads() + spatial - 1) / spatial, 1, nrows);
+  const amx::TileConfig config = Kern::config();
+  at::parallel_for(0, spatial * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> P(std::max<int64_t>(prows, 1) * tile);
+    alignas(64) float sums[16 * CW];
+    amx::load_config(config);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t n = w / (ntiles * groups), s0 = (w / groups) % ntiles * tile, g = w % groups;
+      const int64_t cols = std::min(S - s0, tile), padded = (cols + 15) / 16 * 16;
+      const c10::BFloat16* an = a + n * d_a * S + s0;
+      for (int64_t r = 0; r < prows; ++r) FfBf16Pairs::pack(P.data() + r * tile, an + 2 * r * S, an + (2 * r + 1) * S, cols, padded);
+      for (int64_t i = g * nrows / groups; i < (g + 1) * nrows / groups; ++i) {
+        for (int64_t o0 = 0; o0 < B; o0 += 16) {
+          const int64_t first = n * d_out * S + (i * B + o0) * S + s0;
+          for (int64_t c0 = 0; c0 < cols; c0 += CW) {
+            // Positions past `padded` in this unit read stale packed words: they reach only
+            // sums columns that are not stored.
+            Kern::products(P.data() + c0, tile, At.data(), idx, ptr[i], ptr[i + 1], o0, sums);
+            const int64_t cc = std::min<int64_t>(CW, cols - c0);
+            const simd::Vec<float> va = simd::broadcast(alpha);
+            for (int64_t m = 0; m < 16; ++m) {
+              for (int64_t c = 0; c < cc; c += 16) {
+                const int64_t nn = std::min<int64_t>(16, cc - c), o = first + m * S + c0 + c;
+                simd::Vec<float> y = va * simd::load<float>(sums + m * CW + c);
+                if (branch != nullptr) y += load_first<float>(branch + o, nn);
+                store_first<float>(out + o, y, nn);
+              }
+            }
+          }
+        }
+      }
+    }
+    amx::release();
+  });
+}
+#endif
+
 // out[n][i*b : +b][:] = alpha * sum_{t = ptr[i]}^{ptr[i+1]-1} B[t]^T @ a[n][idx[t]*b : +b][:]
 // (+ branch[n][i*b : +b][:]) for n < N, block rows i < nrows: a (N, d_a, S), out and branch
 // (N, nrows * b, S), all contiguous; B (nnz, b, b) in acc_t with B[t][k][o] mapping input
@@ -251,6 +356,15 @@ void ff_block_product(const scalar_t* a, int64_t d_a, const acc_t* B, const int6
                       int64_t nrows, int64_t b, int64_t N, int64_t S, acc_t alpha, const scalar_t* branch,
                       scalar_t* out) {
   if (N == 0 || S == 0 || nrows == 0) return;
+#if ENTSKIP_AMX && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (amx_available() && with_fixed_block(b, [&](auto block) {
+          ff_block_product_amx<decltype(block)::value>(a, d_a, B, ptr, idx, nrows, N, S, alpha, branch, out);
+        })) {
+      return;
+    }
+  }
+#endif
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (use_avx512_bf16() && FfBf16Pairs::fits(b)) {
