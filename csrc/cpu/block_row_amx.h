@@ -167,6 +167,29 @@ inline void scale_add_row(const float* sums, float alpha, const c10::BFloat16* b
   }
 }
 
+// The accumulators of sampled_block to (STORE) or from S (row stride ss bytes): B = 16 one
+// tile; B = 32 rows 16 (c / 2) .. + 15 by columns 16 (c % 2) .. + 15 of tile c; B = 64 a
+// pass's 16 rows by columns 16 c .. + 15.
+template <int B, bool STORE>
+__attribute__((target("amx-tile"))) inline void sampled_accumulators(float* S, int64_t ss) {
+  constexpr int64_t o1 = 16, o2 = B == 32 ? 16 * B : 32, o3 = B == 32 ? 16 * B + 16 : 48;
+  if constexpr (STORE) {
+    _tile_stored(0, S, ss);
+  } else {
+    _tile_loadd(0, S, ss);
+  }
+  if constexpr (B == 16) return;
+  if constexpr (STORE) {
+    _tile_stored(1, S + o1, ss);
+    _tile_stored(2, S + o2, ss);
+    _tile_stored(3, S + o3, ss);
+  } else {
+    _tile_loadd(1, S + o1, ss);
+    _tile_loadd(2, S + o2, ss);
+    _tile_loadd(3, S + o3, ss);
+  }
+}
+
 // S[m][c] += sum_{q < steps} g[q][m] . x[q][c] (m, c < B; S row-major, float32) on AMX tiles,
 // where g and x are (steps, B) panels of bfloat16 pairs of consecutive positions (the panels
 // of the sampled dM: word [q][f] = feature f at positions 2q and 2q + 1). A product takes 16
@@ -209,19 +232,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void sampled_block(const uint32_t* 
   constexpr int kPasses = B == 64 ? 4 : 1;
   for (int p = 0; p < kPasses; ++p) {
     float* Sp = S + 16 * p * B;
-    if constexpr (B == 16) {
-      _tile_loadd(0, Sp, ss);
-    } else if constexpr (B == 32) {
-      _tile_loadd(0, Sp, ss);
-      _tile_loadd(1, Sp + 16, ss);
-      _tile_loadd(2, Sp + 16 * B, ss);
-      _tile_loadd(3, Sp + 16 * B + 16, ss);
-    } else {
-      _tile_loadd(0, Sp, ss);
-      _tile_loadd(1, Sp + 16, ss);
-      _tile_loadd(2, Sp + 32, ss);
-      _tile_loadd(3, Sp + 48, ss);
-    }
+    sampled_accumulators<B, false>(Sp, ss);
     for (int64_t q0 = 0; q0 < kpad; q0 += 16) {
       const uint32_t* xq = q0 < full ? x + q0 * B : x_tail;
       const uint32_t* gq = gt + 16 * p * kpad + q0;
@@ -250,19 +261,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void sampled_block(const uint32_t* 
         _tile_dpbf16ps(3, 4, 7);
       }
     }
-    if constexpr (B == 16) {
-      _tile_stored(0, Sp, ss);
-    } else if constexpr (B == 32) {
-      _tile_stored(0, Sp, ss);
-      _tile_stored(1, Sp + 16, ss);
-      _tile_stored(2, Sp + 16 * B, ss);
-      _tile_stored(3, Sp + 16 * B + 16, ss);
-    } else {
-      _tile_stored(0, Sp, ss);
-      _tile_stored(1, Sp + 16, ss);
-      _tile_stored(2, Sp + 32, ss);
-      _tile_stored(3, Sp + 48, ss);
-    }
+    sampled_accumulators<B, true>(Sp, ss);
   }
   _tile_release();
 }
