@@ -223,10 +223,10 @@ void ff_block_product_with(const scalar_t* a, int64_t d_a, const acc_t* B, const
       for (int64_t r = 0; r < prows; ++r)
         Ops::pack(P.data() + r * tile, an + r * pair * S, an + (r * pair + pair - 1) * S, cols, padded);
       for (int64_t i = g * nrows / groups; i < (g + 1) * nrows / groups; ++i) {
-        for (int64_t o0 = 0; o0 < b; o0 += MR) {
-          const int64_t first = n * d_out * S + (i * b + o0) * S + s0;
-          for (int64_t c0 = 0; c0 < cols; c0 += CW) {
-            const int64_t cc = std::min<int64_t>(CW, cols - c0);
+        for (int64_t c0 = 0; c0 < cols; c0 += CW) {  // the row's packed inputs at c0 stay in L1 over o0
+          const int64_t cc = std::min<int64_t>(CW, cols - c0);
+          for (int64_t o0 = 0; o0 < b; o0 += MR) {
+            const int64_t first = n * d_out * S + (i * b + o0) * S + s0;
             ff_micro_nv<scalar_t, acc_t, Ops>((cc + W - 1) / W, P.data() + c0, tile, Bp.data(), kb, rpad, idx, ptr[i],
                                               ptr[i + 1], o0, alpha, branch != nullptr ? branch + first + c0 : nullptr,
                                               out + first + c0, S, std::min<int64_t>(MR, b - o0), cc);

@@ -57,9 +57,9 @@ std::vector<int32_t> checked_permutation(const at::Tensor& index, const at::Tens
 // never used).
 template <typename T>
 struct Tile {
-  static constexpr int W = simd::Simd<acc_type<T>>::W;
-  using Lane = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
-  typedef Lane Column __attribute__((vector_size(W * sizeof(T))));  // the bits of W elements
+  static constexpr int W = simd::StorageLanes<T>::W;
+  static_assert(W == simd::Simd<acc_type<T>>::W, "a tile row is one accumulation vector");
+  using Column = typename simd::StorageLanes<T>::vec;  // the bits of W elements
 };
 
 constexpr int64_t kMaxTileColumns = 16384;  // 2 MiB of float32 tile buffers per thread

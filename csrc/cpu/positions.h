@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "simd.h"
+
 namespace entskip::cpu {
 
 // Features last: position p is row p of a (P, ld) matrix, its features contiguous.
@@ -53,6 +55,20 @@ struct SpatialPositions {
   const scalar_t* at(int64_t p, int64_t f) const { return data + ((p / S) * D + f) * S + p % S; }
   int64_t feature_stride() const { return S; }
 
+  // dst[i * B + c] = src[c * S + i] for the B features c and `run` positions i of one image:
+  // W x W tiles transposed in registers (simd::transpose_tile), the last run % W positions
+  // one by one.
+  template <int B>
+  void transpose_run(const scalar_t* src, int64_t run, scalar_t* dst) const {
+    constexpr int W = simd::StorageLanes<scalar_t>::W;
+    static_assert(B % W == 0, "blocks of whole tiles");
+    int64_t i = 0;
+    for (; i + W <= run; i += W)
+      for (int c = 0; c < B; c += W) simd::transpose_tile(src + c * S + i, S, dst + i * B + c, B);
+    for (; i < run; ++i)
+      for (int c = 0; c < B; ++c) dst[i * B + c] = src[c * S + i];
+  }
+
   template <typename Ops, int B, typename panel_t>
   void pack(panel_t* panels, int64_t ld, const int64_t* f0s, int64_t count, int64_t p0, int64_t steps,
             int64_t P) const {
@@ -62,10 +78,7 @@ struct SpatialPositions {
     for (int64_t j = 0; j < count; ++j) {
       for (int64_t p = p0; p < p1;) {  // runs of positions within one image
         const int64_t run = std::min(p1 - p, S - p % S);
-        const scalar_t* src = at(p, f0s[j]);
-        scalar_t* dst = rows.data() + (p - p0) * B;
-        for (int64_t c = 0; c < B; ++c)
-          for (int64_t i = 0; i < run; ++i) dst[i * B + c] = src[c * S + i];
+        transpose_run<B>(at(p, f0s[j]), run, rows.data() + (p - p0) * B);
         p += run;
       }
       for (int64_t q = 0; q < steps; ++q) {

@@ -252,4 +252,25 @@ inline void transpose(Vec<acc_t>* v) {
   transpose_rows(v);
 }
 
+// The bits of one accumulation vector's worth of storage elements T, unconverted: W lanes
+// of T's size (16 x 4 bytes for float, 16 x 2 for bfloat16 and half, 8 x 8 for double).
+template <typename T>
+struct StorageLanes {
+  static constexpr int W = sizeof(T) == 8 ? 8 : 16;
+  using Lane = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+  typedef Lane vec __attribute__((vector_size(W * sizeof(T))));
+};
+
+// dst[l * dst_stride + k] = src[k * src_stride + l] for k, l < W = StorageLanes<T>::W: a
+// W x W tile of T moved transposed, by whole-vector loads and stores.
+template <typename T>
+inline void transpose_tile(const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
+  using V = typename StorageLanes<T>::vec;
+  constexpr int W = StorageLanes<T>::W;
+  V v[W];
+  for (int k = 0; k < W; ++k) v[k] = load_bits<V>(src + k * src_stride);
+  transpose_rows(v);
+  for (int l = 0; l < W; ++l) store_bits(dst + l * dst_stride, v[l]);
+}
+
 }  // namespace entskip::cpu::simd
