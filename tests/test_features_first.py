@@ -161,11 +161,11 @@ def test_bsr_ops_3d_match_reference(dtype, n, s, poisoned):
 
 @pytest.mark.parametrize("path", ["amx", "avx512"])
 @pytest.mark.parametrize("block", [16, 32, 64])
-@pytest.mark.parametrize("n,s", [(1, 1), (2, 15), (3, 49), (2, 100), (1, 197)])
+@pytest.mark.parametrize("n,s", [(1, 1), (2, 15), (2, 30), (3, 49), (1, 76), (2, 100), (1, 197)])
 def test_bfloat16_bsr_3d_paths_match_reference(path, block, n, s, monkeypatch, poisoned):
     """bfloat16 NCHW maps on AMX tiles (entskip._C.amx) and on the AVX-512 paths: forward,
-    dx and the sampled dvalues against the float64 reference, spatial sizes that end inside
-    a 16- and a 48-position unit."""
+    dx and the sampled dvalues against the float64 reference, spatial sizes whose last
+    48-position unit ends in its first, second or third 16-position tile."""
     import entskip._C
 
     if path == "amx" and not entskip._C.amx:

@@ -118,13 +118,10 @@ struct FfBf16Pairs {
   static void pack(packed_t* dst, const c10::BFloat16* row0, const c10::BFloat16* row1, int64_t cols,
                    int64_t padded) {
     using simd::U16x16, simd::U32x16;
-    for (int64_t c = 0; c < padded; c += 16) {
-      const simd::Vec<float> lo = load_first<float>(row0 + c, cols - c), hi = load_first<float>(row1 + c, cols - c);
-      U32x16 l, h;  // widened bfloat16 bits: the value in the upper half
-      std::memcpy(&l, &lo, sizeof(l));
-      std::memcpy(&h, &hi, sizeof(h));
-      const U32x16 words = (l >> 16) | (h & 0xFFFF0000u);
-      std::memcpy(dst + c, &words, sizeof(words));
+    for (int64_t c = 0; c < padded; c += 16) {  // masked loads: nothing read past cols
+      const __mmask16 m = cols - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (cols - c)) - 1);
+      const U16x16 lo = (U16x16)_mm256_maskz_loadu_epi16(m, row0 + c), hi = (U16x16)_mm256_maskz_loadu_epi16(m, row1 + c);
+      simd::store_bits(dst + c, __builtin_convertvector(lo, U32x16) | __builtin_convertvector(hi, U32x16) << 16);
     }
   }
   static block_t block(const float* Bk, int64_t b, int64_t o) {
@@ -257,17 +254,20 @@ struct FfAmx {
     return c;
   }
 
-  // sums[m][c] (m < 16, c < 48, row stride 48) = sum over blocks [t0, t1) of At[t][o0 + m][:] .
-  // the input features idx[t] * B .. + B at positions c of P (pair rows ldp words apart).
+  // sums[m][c] (m < 16, c < 16 * NT, row stride 48) = sum over blocks [t0, t1) of
+  // At[t][o0 + m][:] . the input features idx[t] * B .. + B at positions c of P (pair rows ldp
+  // words apart): NT (1 to 3) tiles of 16 positions, fewer for a short last unit.
+  template <int NT>
   __attribute__((target("amx-tile,amx-bf16"))) static void products(const uint32_t* P, int64_t ldp,
                                                                       const c10::BFloat16* At, const int64_t* idx,
                                                                       int64_t t0, int64_t t1, int64_t o0,
                                                                       float* sums) {
+    static_assert(NT >= 1 && NT <= 3, "1 to 3 tiles of positions");
     asm volatile("" ::: "memory");  // P is written before the tile loads read it
     const int64_t ps = ldp * 4;
     _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
+    if constexpr (NT > 1) _tile_zero(1);
+    if constexpr (NT > 2) _tile_zero(2);
     for (int64_t t = t0; t < t1; ++t) {
       const uint32_t* Pt = P + idx[t] * (B / 2) * ldp;
       const c10::BFloat16* at = At + (t * B + o0) * B;
@@ -275,16 +275,24 @@ struct FfAmx {
         const uint32_t* Pk = Pt + (k0 / 2) * ldp;
         _tile_loadd(3, at + k0, B * 2);
         _tile_loadd(5, Pk, ps);
-        _tile_loadd(6, Pk + 16, ps);
-        _tile_loadd(7, Pk + 32, ps);
+        if constexpr (NT > 1) _tile_loadd(6, Pk + 16, ps);
+        if constexpr (NT > 2) _tile_loadd(7, Pk + 32, ps);
         _tile_dpbf16ps(0, 3, 5);
-        _tile_dpbf16ps(1, 3, 6);
-        _tile_dpbf16ps(2, 3, 7);
+        if constexpr (NT > 1) _tile_dpbf16ps(1, 3, 6);
+        if constexpr (NT > 2) _tile_dpbf16ps(2, 3, 7);
       }
     }
     _tile_stored(0, sums, kCols * 4);
-    _tile_stored(1, sums + 16, kCols * 4);
-    _tile_stored(2, sums + 32, kCols * 4);
+    if constexpr (NT > 1) _tile_stored(1, sums + 16, kCols * 4);
+    if constexpr (NT > 2) _tile_stored(2, sums + 32, kCols * 4);
+  }
+
+  // products<NT> with NT = ceil(cols / 16) tiles (cols <= 48).
+  static void products_for(int64_t cols, const uint32_t* P, int64_t ldp, const c10::BFloat16* At, const int64_t* idx,
+                           int64_t t0, int64_t t1, int64_t o0, float* sums) {
+    if (cols > 32) return products<3>(P, ldp, At, idx, t0, t1, o0, sums);
+    if (cols > 16) return products<2>(P, ldp, At, idx, t0, t1, o0, sums);
+    products<1>(P, ldp, At, idx, t0, t1, o0, sums);
   }
 };
 
@@ -307,9 +315,25 @@ void ff_block_product_amx(const c10::BFloat16* a, int64_t d_a, const float* Bv, 
   const int64_t ntiles = (S + tile - 1) / tile, spatial = N * ntiles;
   const int64_t groups = std::clamp<int64_t>((4 * at::get_num_threads() + spatial - 1) / spatial, 1, nrows);
   const amx::TileConfig config = Kern::config();
+  const simd::Vec<float> va = simd::broadcast(alpha);
+  // out[o + m * S + c] = alpha * sums[m * CW + c] (+ branch) for m < 16, c < cc: a unit's results.
+  const auto finish = [&](int64_t o, int64_t cc, const float* sums) {
+    for (int64_t m = 0; m < 16; ++m) {
+      for (int64_t c = 0; c < cc; c += 16) {
+        const int64_t nn = std::min<int64_t>(16, cc - c), e = o + m * S + c;
+        simd::Vec<float> y = va * simd::load<float>(sums + m * CW + c);
+        if (branch != nullptr) y += load_first<float>(branch + e, nn);
+        store_first<float>(out + e, y, nn);
+      }
+    }
+  };
   at::parallel_for(0, spatial * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> P(std::max<int64_t>(prows, 1) * tile);
-    alignas(64) float sums[16 * CW];
+    // Two units in flight: a unit's results are written out while the tiles compute the
+    // next one's (its sums were stored a whole product earlier).
+    alignas(64) float sums[2][16 * CW];
+    int64_t pending_o = -1, pending_cc = 0;
+    int cur = 0;
     amx::load_config(config);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n = w / (ntiles * groups), s0 = (w / groups) % ntiles * tile, g = w % groups;
@@ -317,26 +341,20 @@ void ff_block_product_amx(const c10::BFloat16* a, int64_t d_a, const float* Bv, 
       const c10::BFloat16* an = a + n * d_a * S + s0;
       for (int64_t r = 0; r < prows; ++r) FfBf16Pairs::pack(P.data() + r * tile, an + 2 * r * S, an + (2 * r + 1) * S, cols, padded);
       for (int64_t i = g * nrows / groups; i < (g + 1) * nrows / groups; ++i) {
-        for (int64_t o0 = 0; o0 < B; o0 += 16) {
-          const int64_t first = n * d_out * S + (i * B + o0) * S + s0;
-          for (int64_t c0 = 0; c0 < cols; c0 += CW) {
-            // Positions past `padded` in this unit read stale packed words: they reach only
-            // sums columns that are not stored.
-            Kern::products(P.data() + c0, tile, At.data(), idx, ptr[i], ptr[i + 1], o0, sums);
+        for (int64_t c0 = 0; c0 < cols; c0 += CW) {
+          for (int64_t o0 = 0; o0 < B; o0 += 16) {
+            // ceil(cc / 16) tiles of positions: packed words up to `padded`, all written.
             const int64_t cc = std::min<int64_t>(CW, cols - c0);
-            const simd::Vec<float> va = simd::broadcast(alpha);
-            for (int64_t m = 0; m < 16; ++m) {
-              for (int64_t c = 0; c < cc; c += 16) {
-                const int64_t nn = std::min<int64_t>(16, cc - c), o = first + m * S + c0 + c;
-                simd::Vec<float> y = va * simd::load<float>(sums + m * CW + c);
-                if (branch != nullptr) y += load_first<float>(branch + o, nn);
-                store_first<float>(out + o, y, nn);
-              }
-            }
+            Kern::products_for(cc, P.data() + c0, tile, At.data(), idx, ptr[i], ptr[i + 1], o0, sums[cur]);
+            if (pending_o >= 0) finish(pending_o, pending_cc, sums[cur ^ 1]);
+            pending_o = n * d_out * S + (i * B + o0) * S + s0 + c0;
+            pending_cc = cc;
+            cur ^= 1;
           }
         }
       }
     }
+    if (pending_o >= 0) finish(pending_o, pending_cc, sums[cur ^ 1]);
     amx::release();
   });
 }
