@@ -13,9 +13,8 @@
 // and dx in the same format: y[n] = alpha * W @ x[n] + branch[n], dx[n] = alpha * W^T @ g[n],
 // dW = alpha * sum_n g[n] @ x[n]^T (accumulated in float32, float64 for float64). These run
 // one ATen GEMM per image on views of the inputs, the images spread over the threads (one
-// thread per GEMM; dW sums fixed groups of images, see image_sum_of_products), except a
-// bfloat16 dW where ATen's bfloat16 GEMM is the faster: one GEMM over all positions
-// (positions_product_bf16); the block-row kernel is not used for them.
+// thread per GEMM; dW sums fixed groups of images, see image_sum_of_products); the block-row
+// kernel is not used for them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/ThreadLocalState.h>
@@ -108,14 +107,6 @@ at::Tensor image_sum_of_products(const at::Tensor& g, const at::Tensor& x, at::S
   at::Tensor s = partials[0].clone();
   for (int64_t k = 1; k < groups; ++k) s.add_(partials[k]);
   return s;
-}
-
-// sum_n g[n] @ x[n]^T for bfloat16 features-first g (N, D_out, S) and x (N, D_in, S) as one
-// bfloat16 GEMM over the N * S positions (float32 accumulation inside, rounded once to
-// bfloat16, as the 2-D path's), on (D, N * S) copies of g and x: where ATen's bfloat16 GEMM
-// is the faster one, this beats image_sum_of_products' float32 GEMMs on widened copies.
-at::Tensor positions_product_bf16(const at::Tensor& g, const at::Tensor& x) {
-  return at::mm(g.transpose(0, 1).reshape({g.size(1), -1}), x.transpose(0, 1).reshape({x.size(1), -1}).t());
 }
 
 // The block size for which W (d_out x d_in) is whole blocks, 0 if none.
@@ -253,15 +244,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at:
     // bfloat16 inputs, where ATen's bfloat16 GEMM beat the block kernel, use that GEMM
     // (float32 accumulation inside, s rounded to bfloat16 like torch's own bfloat16
     // autograd); other 16-bit inputs upcast to the float32 GEMM (a float16 s could overflow).
-    // Features-first: s = sum_n grad[n] @ x[n]^T, the same bfloat16 GEMM over all positions
-    // or accumulated GEMM by GEMM in float32 (float64).
+    // Features-first: s = sum_n grad[n] @ x[n]^T, accumulated GEMM by GEMM in float32 (float64).
     const auto t = x.scalar_type(), acc = t == at::kDouble ? at::kDouble : at::kFloat;
-    const bool bf16_gemm = t == at::kBFloat16 && !use_block_kernel(t);
     at::Tensor s;
     if (x.dim() == 3) {
-      s = bf16_gemm ? positions_product_bf16(grad, x) : image_sum_of_products(grad, x, acc);
+      s = image_sum_of_products(grad, x, acc);
     } else {
-      s = bf16_gemm ? at::mm(grad.t(), x) : at::mm(grad.t().to(acc), x.to(acc));
+      s = t == at::kBFloat16 && !use_block_kernel(t) ? at::mm(grad.t(), x) : at::mm(grad.t().to(acc), x.to(acc));
     }
     if (output_mask[1]) dweight = s.mul(a).to(weight.scalar_type());
     if (output_mask[2]) dalpha = alpha_grad(s, weight, alpha);
