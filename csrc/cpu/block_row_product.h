@@ -246,7 +246,7 @@ void block_row_product_fixed(const scalar_t* a, int64_t lda, const typename Ops:
   const int64_t tile = unit * std::max<int64_t>(1, std::min(fit_units, parallel_units));
   const int64_t ntiles = (N + tile - 1) / tile;
   at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<packed_t> packed(tile * cols);
+    AlignedBuffer<packed_t> packed(tile * cols);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n0 = w * tile, rows = std::min(N, n0 + tile) - n0;
       prefault_for_write(out + n0 * ldo, rows * ldo * static_cast<int64_t>(sizeof(scalar_t)));

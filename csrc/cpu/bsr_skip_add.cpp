@@ -205,7 +205,7 @@ void sampled_blocks_fixed(const Layout& g, const Layout& x, const int64_t* row_o
   const int64_t x_count = static_cast<int64_t>(x_cols.size()), npanels = x_count + g_count;
   // Panel rows per chunk (each covers `step` positions).
   const int64_t chunk = std::clamp<int64_t>(kSampledBytes / (npanels * B * static_cast<int64_t>(sizeof(panel_t))), 8, 64);
-  std::vector<panel_t> panels(npanels * chunk * B);
+  AlignedBuffer<panel_t> panels(npanels * chunk * B);
   panel_t* const xp = panels.data();
   panel_t* const gp = panels.data() + x_count * chunk * B;
   // The first feature of each panel: x's block columns, then g's block rows.

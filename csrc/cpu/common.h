@@ -3,6 +3,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -89,6 +90,21 @@ inline at::Tensor empty_prefaulted(at::IntArrayRef sizes, const at::TensorOption
   });
   return t;
 }
+
+// A per-thread working buffer of n elements of T (trivial types), 64-byte aligned (ATen's
+// CPU allocator aligns every allocation to 64 bytes): packed rows whose stride is whole
+// lines then never split a vector or tile row across two cache lines, as they do in a
+// std::vector, whose large allocations (glibc's mmap chunks) start 16 bytes into a page.
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t n)
+      : bytes_(at::empty({std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T))}, at::TensorOptions().dtype(at::kByte))) {}
+  T* data() { return reinterpret_cast<T*>(bytes_.mutable_data_ptr<uint8_t>()); }
+
+ private:
+  at::Tensor bytes_;
+};
 
 // Whether the bfloat16 kernels take their AVX512-BF16 paths where the build has them
 // (entskip._C.avx512_bf16): yes, unless ENTSKIP_CPU_AVX512_BF16 is "0", which selects the

@@ -212,7 +212,7 @@ void ff_block_product_with(const scalar_t* a, int64_t d_a, const acc_t* B, const
   const int64_t groups = std::clamp<int64_t>((4 * at::get_num_threads() + spatial - 1) / spatial, 1, nrows);
   const int64_t d_out = nrows * b;
   at::parallel_for(0, spatial * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<packed_t> P(std::max<int64_t>(prows, 1) * tile);
+    AlignedBuffer<packed_t> P(prows * tile);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n = w / (ntiles * groups), s0 = (w / groups) % ntiles * tile, g = w % groups;
       const int64_t cols = std::min(S - s0, tile), padded = (cols + W - 1) / W * W;
@@ -328,7 +328,7 @@ void ff_block_product_amx(const c10::BFloat16* a, int64_t d_a, const float* Bv, 
     }
   };
   at::parallel_for(0, spatial * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> P(std::max<int64_t>(prows, 1) * tile);
+    AlignedBuffer<uint32_t> P(prows * tile);
     // Two units in flight: a unit's results are written out while the tiles compute the
     // next one's (its sums were stored a whole product earlier).
     alignas(64) float sums[2][16 * CW];
