@@ -14,7 +14,8 @@
 // dW = alpha * sum_n g[n] @ x[n]^T (accumulated in float32, float64 for float64). These run
 // one ATen GEMM per image on views of the inputs, the images spread over the threads (one
 // thread per GEMM; dW sums fixed groups of images, see image_sum_of_products); the block-row
-// kernel is not used for them.
+// kernel is not used for them. A bfloat16 dW on a CPU with AMX, W whole 16/32/64 blocks, is
+// the BSR backward's sampled product over all of W's blocks (blockwise_sum_of_products).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/ThreadLocalState.h>
@@ -30,6 +31,8 @@
 #include "../checks.h"
 #include "block_row_product.h"
 #include "common.h"
+#include "positions.h"
+#include "sampled_product.h"
 
 namespace entskip::cpu {
 
@@ -107,6 +110,36 @@ at::Tensor image_sum_of_products(const at::Tensor& g, const at::Tensor& x, at::S
   at::Tensor s = partials[0].clone();
   for (int64_t k = 1; k < groups; ++k) s.add_(partials[k]);
   return s;
+}
+
+// sum_n g[n] @ x[n]^T for bfloat16 features-first g (N, D_out, S) and x (N, D_in, S), W whole
+// b x b blocks: the BSR backward's sampled product (sampled_product.h) over the layout of all
+// of W's blocks, reading the maps in place, float32 sums in a fixed order. On AMX tiles it
+// takes half the time of image_sum_of_products' float32 GEMMs on widened copies.
+at::Tensor blockwise_sum_of_products(const at::Tensor& g_in, const at::Tensor& x_in, int64_t b) {
+  const at::Tensor g = g_in.contiguous(), x = x_in.contiguous();
+  const int64_t d_out = g.size(1), d_in = x.size(1), rows = d_out / b, cols = d_in / b, nnzb = rows * cols;
+  std::vector<int64_t> crow(rows + 1), col(nnzb);
+  for (int64_t i = 0; i <= rows; ++i) crow[i] = i * cols;
+  for (int64_t k = 0; k < nnzb; ++k) col[k] = k % cols;
+  at::Tensor S = at::empty({rows, cols, b, b}, x.options().dtype(at::kFloat));  // S[i][j][r][c] = s[i*b + r][j*b + c]
+  const c10::BFloat16 *gp = g.const_data_ptr<c10::BFloat16>(), *xp = x.const_data_ptr<c10::BFloat16>();
+  const int64_t sp = x.size(2);
+  const auto layouts = [&] {
+    return std::pair{SpatialPositions<c10::BFloat16>{gp, d_out, sp, {}}, SpatialPositions<c10::BFloat16>{xp, d_in, sp, {}}};
+  };
+  sampled_gradient<c10::BFloat16, float>(layouts, crow.data(), col.data(), rows, nnzb, b, x.size(0) * sp,
+                                         S.mutable_data_ptr<float>());
+  return S.permute({0, 2, 1, 3}).reshape({d_out, d_in});
+}
+
+// The block for blockwise_sum_of_products: the largest of 64, 32, 16 that W (d_out x d_in)
+// is whole blocks of, where the CPU runs bfloat16 on AMX tiles; else 0.
+int64_t blockwise_block(int64_t d_out, int64_t d_in) {
+  if (!amx_available()) return 0;
+  for (const int64_t b : {64, 32, 16})
+    if (d_out % b == 0 && d_in % b == 0) return b;
+  return 0;
 }
 
 // The block size for which W (d_out x d_in) is whole blocks, 0 if none.
@@ -244,11 +277,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at:
     // bfloat16 inputs, where ATen's bfloat16 GEMM beat the block kernel, use that GEMM
     // (float32 accumulation inside, s rounded to bfloat16 like torch's own bfloat16
     // autograd); other 16-bit inputs upcast to the float32 GEMM (a float16 s could overflow).
-    // Features-first: s = sum_n grad[n] @ x[n]^T, accumulated GEMM by GEMM in float32 (float64).
+    // Features-first: s = sum_n grad[n] @ x[n]^T, accumulated GEMM by GEMM in float32 (float64),
+    // or for bfloat16 on AMX tiles by the sampled product over all of W's blocks.
     const auto t = x.scalar_type(), acc = t == at::kDouble ? at::kDouble : at::kFloat;
     at::Tensor s;
     if (x.dim() == 3) {
-      s = image_sum_of_products(grad, x, acc);
+      const int64_t b = t == at::kBFloat16 ? blockwise_block(weight.size(0), weight.size(1)) : 0;
+      s = b != 0 ? blockwise_sum_of_products(grad, x, b) : image_sum_of_products(grad, x, acc);
     } else {
       s = t == at::kBFloat16 && !use_block_kernel(t) ? at::mm(grad.t(), x) : at::mm(grad.t().to(acc), x.to(acc));
     }

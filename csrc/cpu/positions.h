@@ -1,4 +1,4 @@
-// Where the sampled-gradient kernels (bsr_skip_add.cpp) read their operands. A position
+// Where the sampled-gradient kernels (sampled_product.h) read their operands. A position
 // is one vector of features: a row of a features-last (N, D) matrix, or one of the N * S
 // (image, spatial position) pairs of a features-first (N, D, S) map. The kernels sum over
 // positions p in order and pack, per chunk of positions, B consecutive features of each
