@@ -207,18 +207,22 @@ def test_dense_ops_3d_match_reference(dtype, n, s, poisoned):
 @pytest.mark.parametrize("path", ["amx", "gemm"])
 @pytest.mark.parametrize("d_out,d_in", [(128, 192), (64, 96), (48, 32)], ids=["b64", "b32", "b16"])
 @pytest.mark.parametrize("n,s", [(2, 49), (1, 197)])
-def test_dense_bfloat16_nchw_dweight_matches_reference(path, d_out, d_in, n, s, monkeypatch, poisoned):
-    """bfloat16 dW of an NCHW map whose W is whole 64/32/16 blocks: the sampled product over
-    all of W's blocks on AMX tiles, else (ENTSKIP_CPU_AMX=0) the per-image float32 GEMMs."""
+def test_dense_bfloat16_nchw_blockwise_paths_match_reference(path, d_out, d_in, n, s, monkeypatch, poisoned):
+    """bfloat16 NCHW maps whose W is whole 64/32/16 blocks: y and dx by the features-first
+    block kernel and dW by the sampled product over all of W's blocks on AMX tiles, else
+    (ENTSKIP_CPU_AMX=0) a GEMM per image."""
     import entskip._C
 
     if path == "amx" and not entskip._C.amx:
         pytest.skip("this CPU has no AMX-BF16 tiles")
     monkeypatch.setenv("ENTSKIP_CPU_AMX", "1" if path == "amx" else "0")
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(torch.bfloat16)
-    x, _, g = _op_inputs(d_in, d_out, n, s, torch.bfloat16, seed=s)
+    x, r, g = _op_inputs(d_in, d_out, n, s, torch.bfloat16, seed=s)
     a = _alpha(torch.bfloat16)
-    _, dw, da = torch.ops.entskip.dense_skip_add_backward(g, x, W, a, [False, True, True])
+    y = torch.ops.entskip.dense_skip_add(x, W, a, r)
+    assert_close(y, 0.7 * (W.double() @ x.double()) + r.double(), torch.bfloat16, "y")
+    dx, dw, da = torch.ops.entskip.dense_skip_add_backward(g, x, W, a, [True, True, True])
+    assert_close(dx, 0.7 * (W.double().T @ g.double()), torch.bfloat16, "dx")
     full = torch.einsum("nos,ncs->oc", g.double(), x.double())
     scale = max(float(torch.einsum("nos,ncs->oc", g.double().abs(), x.double().abs()).max()), 1.0)
     assert_close(dw, 0.7 * full, torch.bfloat16, "dweight", scale=scale)

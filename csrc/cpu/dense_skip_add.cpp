@@ -7,15 +7,16 @@
 //    the residual add fused), where W is whole 16/32/64 blocks. It beats a BLAS whose
 //    16-bit GEMM is slower than its float32 one (no AMX or AVX512-BF16), and one that
 //    does not reach this CPU's float32 peak (MKL on AMD, e.g.).
-// float64 always runs the GEMM. dW is a GEMM over N in every case.
+// float64 always runs the GEMM. A 2-D dW is a GEMM over N in every case.
 //
 // x may also be features-first, (N, D_in, S) (an NCHW map, S = H * W), with branch, grad, y
 // and dx in the same format: y[n] = alpha * W @ x[n] + branch[n], dx[n] = alpha * W^T @ g[n],
 // dW = alpha * sum_n g[n] @ x[n]^T (accumulated in float32, float64 for float64). These run
 // one ATen GEMM per image on views of the inputs, the images spread over the threads (one
-// thread per GEMM; dW sums fixed groups of images, see image_sum_of_products); the block-row
-// kernel is not used for them. A bfloat16 dW on a CPU with AMX, W whole 16/32/64 blocks, is
-// the BSR backward's sampled product over all of W's blocks (blockwise_sum_of_products).
+// thread per GEMM; dW sums fixed groups of images, see image_sum_of_products), except for
+// bfloat16 on AMX tiles with W whole 16/32/64 blocks: y and dx then run the features-first
+// block kernel over all of W's blocks (block_kernel_mm), and dW the BSR backward's sampled
+// product over them (blockwise_sum_of_products).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/ThreadLocalState.h>
@@ -31,6 +32,7 @@
 #include "../checks.h"
 #include "block_row_product.h"
 #include "common.h"
+#include "features_first.h"
 #include "positions.h"
 #include "sampled_product.h"
 
@@ -153,6 +155,8 @@ int64_t full_block(int64_t d_out, int64_t d_in) {
 // block-row kernel over all the b x b blocks of W (row i, column j of blocks: W_ij):
 //   y[:, i]  = alpha * sum_j x[:, j] @ W_ij^T + branch[:, i]     (forward)
 //   dx[:, j] = alpha * sum_i g[:, i] @ W_ij                       (backward)
+// A features-first a (N, D, S) runs the features-first kernel (ff_block_product):
+// y[n][i] = alpha * sum_j W_ij @ x[n][j] + branch[n][i], dx[n][j] = alpha * sum_i W_ij^T @ g[n][i].
 at::Tensor block_kernel_mm(const at::Tensor& a, const at::Tensor& weight, double alpha,
                            const c10::optional<at::Tensor>& branch, bool transpose, int64_t b) {
   const int64_t nr = weight.size(0) / b, nc = weight.size(1) / b;
@@ -167,12 +171,20 @@ at::Tensor block_kernel_mm(const at::Tensor& a, const at::Tensor& weight, double
   for (int64_t t = 0; t < nout * nin; ++t) idx[t] = t % nin;
   const at::Tensor ac = a.contiguous();
   const at::Tensor rc = branch.has_value() ? branch->contiguous() : at::Tensor();
-  at::Tensor out = empty_output({a.size(0), nout * b}, a.options());
+  const bool ff = a.dim() == 3;
+  at::Tensor out = ff ? empty_output({a.size(0), nout * b, a.size(2)}, a.options())
+                      : empty_output({a.size(0), nout * b}, a.options());
   AT_DISPATCH_V2(a.scalar_type(), "entskip_dense_block_kernel_cpu", AT_WRAP([&] {
-    block_row_product<scalar_t, float>(ac.const_data_ptr<scalar_t>(), ac.size(1), blocks.const_data_ptr<float>(),
-                                       ptr.data(), idx.data(), nout, b, a.size(0), static_cast<float>(alpha),
-                                       rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
-                                       out.mutable_data_ptr<scalar_t>());
+    const scalar_t* r = rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr;
+    if (ff) {
+      ff_block_product<scalar_t, float>(ac.const_data_ptr<scalar_t>(), ac.size(1), blocks.const_data_ptr<float>(),
+                                        ptr.data(), idx.data(), nout, b, a.size(0), a.size(2),
+                                        static_cast<float>(alpha), r, out.mutable_data_ptr<scalar_t>());
+    } else {
+      block_row_product<scalar_t, float>(ac.const_data_ptr<scalar_t>(), ac.size(1), blocks.const_data_ptr<float>(),
+                                         ptr.data(), idx.data(), nout, b, a.size(0), static_cast<float>(alpha), r,
+                                         out.mutable_data_ptr<scalar_t>());
+    }
   }), at::kFloat, at::kBFloat16, at::kHalf);
   return out;
 }
@@ -230,9 +242,11 @@ bool use_block_kernel(at::ScalarType t) {
   return f16;
 }
 
-// The block size to run the block-row kernel with for these inputs, 0 for the GEMM.
+// The block size to run the block-row kernel with for these inputs, 0 for the GEMM. Features
+// first (3-D x), only bfloat16 on AMX tiles (faster than a GEMM per image there).
 int64_t block_kernel_block(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t b = full_block(weight.size(0), weight.size(1));
+  if (x.dim() == 3) return b != 0 && x.scalar_type() == at::kBFloat16 && amx_available() ? b : 0;
   return b != 0 && use_block_kernel(x.scalar_type()) ? b : 0;
 }
 
@@ -251,9 +265,7 @@ at::Tensor dense_skip_add(const at::Tensor& x, const at::Tensor& weight, const a
   check_alpha(alpha, x);
   check_branch(branch, x, weight.size(0));
   const double a = alpha_value(alpha);
-  if (x.dim() == 2) {
-    if (const int64_t b = block_kernel_block(x, weight)) return block_kernel_mm(x, weight, a, branch, false, b);
-  }
+  if (const int64_t b = block_kernel_block(x, weight)) return block_kernel_mm(x, weight, a, branch, false, b);
   return scaled_product(x, weight, a, branch.has_value() ? *branch : at::Tensor(), weight.size(0));
 }
 
@@ -267,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_skip_add_backward(const at:
   const double a = alpha_value(alpha);
   at::Tensor dx, dweight, dalpha;
   if (output_mask[0]) {
-    const int64_t b = x.dim() == 2 ? block_kernel_block(x, weight) : 0;
+    const int64_t b = block_kernel_block(x, weight);
     // dx = a * g @ W (2-D), a * W^T @ g[n] (3-D): scaled_product with grad as the input and W^T as the mapping.
     dx = b != 0 ? block_kernel_mm(grad, weight, a, c10::nullopt, true, b)
                 : scaled_product(grad, weight.t(), a, at::Tensor(), weight.size(1));
