@@ -86,7 +86,8 @@ def test_skips_grid_times_every_method_and_checks_the_targets():
 def test_conv_grid_times_both_formats_and_checks_the_targets(tmp_path):
     from entskip.bench import conv
 
-    cases = (((2, 64, 3, 5), "sparse", {"density": 0.25, "block": 16}), ((1, 16, 2, 2), "orthogonal", {}))
+    cases = (((2, 64, 3, 5), "sparse", {"density": 0.25, "block": 16}), ((1, 16, 2, 2), "orthogonal", {}),
+             ((1, 8, 3, 3), "permutation", {}))
     records = conv.run_grid(["float32"], repeats=2, cases=cases)
     assert len(records) == len(cases) * 2 * len(conv.FORMATS) * len(conv.LABELS)
     assert {(r["format"], r["method"], r["pass"]) for r in records} == {

@@ -36,6 +36,7 @@ CASES = (
     ((32, 64, 56, 56), "sparse", {"density": 0.25, "block": 16}),
     ((32, 64, 56, 56), "block_orthogonal", {"block": 16}),
     ((32, 256, 28, 28), "sparse", {"density": 0.25, "block": 32}),
+    ((32, 256, 28, 28), "permutation", {}),
     ((32, 512, 14, 14), "block_orthogonal", {"block": 32}),
     ((32, 512, 14, 14), "orthogonal", {}),
     ((32, 1024, 14, 14), "block_orthogonal", {"block": 32}),  # ResNet-50 stage 3
@@ -48,10 +49,13 @@ LABELS = {"entskip": "entskip skip_add", "conv1x1+r": "conv2d(x, M 1x1) + r", "x
 
 
 def _mapping(name: str, channels: int, kwargs: dict) -> mappings.Mapping:
-    """A learnable mapping with its matrix as a plain parameter (no parametrization in the timing)."""
+    """A learnable mapping with its matrix as a plain parameter (no parametrization in the
+    timing); a permutation as it is (nothing to learn)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 64 channels at density 1/4, block 16: one block per block row
         m = mappings.make(name, channels, seed=0, **kwargs)
+    if isinstance(m, mappings.PermutationMapping):
+        return m
     if isinstance(m, mappings.BlockSparseMapping):
         return mappings.BlockSparseMapping(m.layout, m.blocks.detach(), learnable=True)
     return mappings.DenseMapping(m.matrix().detach(), learnable=True)
@@ -65,9 +69,9 @@ def _runners(shape, mapping_name, kwargs, fmt, dtype, backward: bool) -> tuple[d
     m = _mapping(mapping_name, c, kwargs).to(dtype)
     weight = torch.nn.Parameter(m.matrix().detach().reshape(c, c, 1, 1).contiguous(memory_format=fmt))
     alpha = torch.tensor(ALPHA)
+    params = tuple(m.parameters())  # M's blocks or weight, learnable (none for a permutation)
     methods = {
-        "entskip": (lambda x, r, a, _p: entskip.skip_add(x, m, r, a, feature_dim=1),
-                    (x, r, alpha, m.blocks if isinstance(m, mappings.BlockSparseMapping) else m.weight)),
+        "entskip": (lambda x, r, a, *_p: entskip.skip_add(x, m, r, a, feature_dim=1), (x, r, alpha, *params)),
         "conv1x1+r": (lambda x, r, wt: F.conv2d(x, wt) + r, (x, r, weight)),
         "x+r": (operator.add, (x, r)),
     }
