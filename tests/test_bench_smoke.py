@@ -88,10 +88,11 @@ def test_conv_grid_times_both_formats_and_checks_the_targets(tmp_path):
 
     cases = (((2, 64, 3, 5), "sparse", {"density": 0.25, "block": 16}), ((1, 16, 2, 2), "orthogonal", {}),
              ((1, 8, 3, 3), "permutation", {}))
-    records = conv.run_grid(["float32"], repeats=2, cases=cases)
-    assert len(records) == len(cases) * 2 * len(conv.FORMATS) * len(conv.LABELS)
-    assert {(r["format"], r["method"], r["pass"]) for r in records} == {
-        (f, m, p) for f in conv.FORMATS for m in conv.LABELS for p in ("forward", "fwd+bwd")}
+    records = conv.run_grid(["float32", "bfloat16"], repeats=2, cases=cases)
+    assert len(records) == len(cases) * 2 * 2 * len(conv.FORMATS) * len(conv.LABELS)
+    assert {(r["format"], r["method"], r["pass"], r["dtype"]) for r in records} == {
+        (f, m, p, d) for f in conv.FORMATS for m in conv.LABELS for p in ("forward", "fwd+bwd")
+        for d in ("float32", "bfloat16")}
     for rec in records:
         assert len(rec["samples_ms"]) == 2 and _positive(rec["median_ms"])
         if rec["method"] != "entskip":

@@ -67,7 +67,7 @@ def _runners(shape, mapping_name, kwargs, fmt, dtype, backward: bool) -> tuple[d
     n, c, h, w = shape
     x, r = (torch.randn(*shape, generator=gen).to(dtype).contiguous(memory_format=fmt) for _ in range(2))
     m = _mapping(mapping_name, c, kwargs).to(dtype)
-    weight = torch.nn.Parameter(m.matrix().detach().reshape(c, c, 1, 1).contiguous(memory_format=fmt))
+    weight = torch.nn.Parameter(m.matrix().detach().to(dtype).reshape(c, c, 1, 1).contiguous(memory_format=fmt))
     alpha = torch.tensor(ALPHA)
     params = tuple(m.parameters())  # M's blocks or weight, learnable (none for a permutation)
     methods = {
