@@ -139,9 +139,22 @@ def _alpha(dtype, value=0.7):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n,s", [(0, 7), (3, 0), (1, 1), (2, 17), (5, 64), (3, 49)])
 def test_bsr_ops_3d_match_reference(dtype, n, s, poisoned):
-    m = mappings.sparse(64, density=0.5, block=16, seed=3)
+    _check_bsr_3d(mappings.sparse(64, density=0.5, block=16, seed=3), dtype, n, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("s", [700, 1100])
+def test_bsr_ops_3d_several_spatial_tiles(dtype, s, poisoned):
+    """256 features: the products split S into 2 to 5 tiles of equal width (a multiple of the
+    micro-kernel's chunk) and a shorter last one."""
+    _check_bsr_3d(mappings.sparse(256, density=0.25, block=32, seed=4), dtype, 2, s)
+
+
+def _check_bsr_3d(m, dtype, n, s):
+    """The 3-D BSR ops (forward, dx, dvalues, dalpha) against the float64 reference."""
+    d = m.in_features
     values, *layout = _bsr_args(m, dtype)
-    x, r, g = _op_inputs(64, 64, n, s, dtype)
+    x, r, g = _op_inputs(d, d, n, s, dtype)
     a = _alpha(dtype)
     y = torch.ops.entskip.bsr_skip_add(x, values, *layout, a, r)
     M = m.matrix().double()

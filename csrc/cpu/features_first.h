@@ -26,6 +26,20 @@
 
 namespace entskip::cpu {
 
+// Positions per tile of the features-first products (a multiple of the chunk width cw):
+// as many as fit kTileBytes at column_bytes a position (all packed input rows), but never
+// fewer than kMinTileColumns (or S): shorter row pieces (48 positions, 192 bytes of a
+// float32 row of a 14 x 14 map at 1024 channels) straddle cache lines that the next tile
+// reads again and defeat the prefetchers. The S positions are then split into tiles of
+// equal width (no short last tile).
+constexpr int64_t kMinTileColumns = 256;
+inline int64_t ff_tile_columns(int64_t S, int64_t column_bytes, int64_t cw) {
+  const int64_t fit = std::max(kTileBytes / std::max<int64_t>(column_bytes, 1), kMinTileColumns);
+  const int64_t ntiles = std::max<int64_t>(1, (S + fit - 1) / fit);
+  const int64_t per = (S + ntiles - 1) / ntiles;
+  return (per + cw - 1) / cw * cw;
+}
+
 #if defined(__AVX512BW__)
 // The byte mask of the first n elements of type T (n * sizeof(T) < 64: a partial vector).
 template <typename T>
@@ -206,8 +220,7 @@ void ff_block_product_with(const scalar_t* a, int64_t d_a, const acc_t* B, const
     for (int64_t q = 0; q < kb; ++q)
       for (int64_t o = 0; o < b; ++o) Bp[(t * kb + q) * rpad + o] = Ops::block(B + (t * b + q * pair) * b, b, o);
   // Tile columns: whole chunks of CW, as many as fit the L2 budget, no more than S needs.
-  const int64_t fit = kTileBytes / (std::max<int64_t>(prows, 1) * static_cast<int64_t>(sizeof(packed_t)));
-  const int64_t tile = std::clamp<int64_t>(fit / CW, 1, (S + CW - 1) / CW) * CW;
+  const int64_t tile = ff_tile_columns(S, prows * static_cast<int64_t>(sizeof(packed_t)), CW);
   const int64_t ntiles = (S + tile - 1) / tile, spatial = N * ntiles;
   const int64_t groups = std::clamp<int64_t>((4 * at::get_num_threads() + spatial - 1) / spatial, 1, nrows);
   const int64_t d_out = nrows * b;
@@ -310,8 +323,7 @@ void ff_block_product_amx(const c10::BFloat16* a, int64_t d_a, const float* Bv, 
   for (int64_t t = 0; t < nnz; ++t)
     for (int64_t k = 0; k < B; ++k)
       for (int64_t o = 0; o < B; ++o) At[(t * B + o) * B + k] = c10::BFloat16(Bv[(t * B + k) * B + o]);
-  const int64_t fit = kTileBytes / (std::max<int64_t>(prows, 1) * 4);
-  const int64_t tile = std::clamp<int64_t>(fit / CW, 1, (S + CW - 1) / CW) * CW;
+  const int64_t tile = ff_tile_columns(S, prows * 4, CW);
   const int64_t ntiles = (S + tile - 1) / tile, spatial = N * ntiles;
   const int64_t groups = std::clamp<int64_t>((4 * at::get_num_threads() + spatial - 1) / spatial, 1, nrows);
   const amx::TileConfig config = Kern::config();
