@@ -352,14 +352,19 @@ def test_opcheck_3d_forms():
 
 
 class _Recorder(TorchDispatchMode):
-    """Records every op dispatched below it: (op, args)."""
+    """Records every op dispatched below it: (op, args), or with ``keep_args=False`` (op, the
+    largest tensor argument's numel), which holds no reference to the tensors."""
 
-    def __init__(self):
+    def __init__(self, keep_args=True):
         super().__init__()
         self.calls = []
+        self.keep_args = keep_args
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls.append((func, args))
+        if self.keep_args:
+            self.calls.append((func, args))
+        else:
+            self.calls.append((func, max((a.numel() for a in args if isinstance(a, torch.Tensor)), default=0)))
         return func(*args, **(kwargs or {}))
 
 
@@ -395,6 +400,36 @@ def test_nchw_passes_views_and_copies_nothing(kind):
               if n in COPIES and any(isinstance(a, torch.Tensor) and a.numel() >= big for a in args)]
     assert not copies, copies
     assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("kind", ["bsr", "dense", "identity", "permutation"])
+@pytest.mark.parametrize("shape", [(2, 64, 7, 7), (2, 7, 64)], ids=["nchw", "features_last_3d"])
+def test_in_place_op_on_the_result_copies_nothing(kind, shape):
+    """A ResNet block's ReLU(inplace=True) on the skip's result: the result is not a view of
+    the op's output, so autograd does not rebase the in-place op (CopySlices: a clone and two
+    copies of the gradient) and the gradients are those of the out-of-place ReLU."""
+    m = {"bsr": lambda: _plain(mappings.sparse(64, density=0.5, block=16, seed=1), torch.float32),
+         "dense": lambda: _plain(mappings.orthogonal(64, seed=1), torch.float32), "identity": lambda: None,
+         "permutation": lambda: mappings.permutation(64, seed=1)}[kind]()
+    feature_dim = 1 if len(shape) == 4 else -1
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    r = torch.randn(*shape, generator=gen, requires_grad=True)
+    g = torch.randn(*shape, generator=gen)
+    alpha = torch.tensor(0.5, requires_grad=True)
+    with _Recorder(keep_args=False) as rec:  # holding the args would keep autograd from stealing grads
+        y = entskip.skip_add(x, m, r, alpha, feature_dim=feature_dim)
+        assert not y._is_view()
+        y.relu_()
+        y.backward(g)
+    copies = [str(f) for f, numel in rec.calls if str(f) in COPIES and numel >= x.numel()]
+    assert not copies, copies
+    grads = [t.grad for t in (x, r, alpha)]
+    for t in (x, r, alpha):
+        t.grad = None
+    entskip.skip_add(x, m, r, alpha, feature_dim=feature_dim).relu().backward(g)
+    for got, t in zip(grads, (x, r, alpha)):
+        torch.testing.assert_close(got, t.grad)
 
 
 def test_channels_last_and_mixed_branch_formats():

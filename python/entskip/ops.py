@@ -191,6 +191,18 @@ def _is_plain_elementwise(x, mapping, branch, alpha) -> bool:
                               and branch.device == x.device and branch.shape == x.shape)
 
 
+def _reshaped_result(y: Tensor, shape) -> Tensor:
+    """The op's fresh result ``y`` in ``shape``, without a copy and not as a view of ``y``
+    (``aten._unsafe_view``, as ``torch.matmul`` returns its batched results): an in-place op
+    on it, such as the ReLU(inplace=True) after a ResNet block's skip, is then plain, where
+    on a view autograd would rebase it (``CopySlices``) and copy the whole gradient three
+    times in the backward. No op saves its result for the backward, so nothing else can see
+    it change."""
+    if y.is_contiguous():
+        return torch.ops.aten._unsafe_view(y, shape)
+    return y.reshape(shape)
+
+
 def skip_add(
     x: Tensor,
     mapping: Mapping | Tensor | None = None,
@@ -268,15 +280,15 @@ def skip_add(
         b3 = None if branch is None else branch.reshape(n, d_out, s)
         if isinstance(mapping, Mapping):
             run = mapping.skip_add_features_first
-        return run(x.view(n, d_in, s), b3, alpha).reshape(out_shape)
+        return _reshaped_result(run(x.view(n, d_in, s), b3, alpha), out_shape)
     lead = xm.shape[:-1]
     x2 = xm.reshape(-1, d_in)
     b2 = None
     if branch is not None:
         b2 = (branch if last else branch.movedim(fd, -1)).reshape(-1, d_out)
-    y = run(x2, b2, alpha).reshape(*lead, d_out)
     if last:
-        return y
+        return _reshaped_result(run(x2, b2, alpha), (*lead, d_out))
+    y = run(x2, b2, alpha).reshape(*lead, d_out)
     y = y.movedim(-1, fd)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return y  # already channels_last strides
