@@ -403,8 +403,10 @@ def test_nchw_passes_views_and_copies_nothing(kind):
 
 
 @pytest.mark.parametrize("kind", ["bsr", "dense", "identity", "permutation"])
-@pytest.mark.parametrize("shape", [(2, 64, 7, 7), (2, 7, 64)], ids=["nchw", "features_last_3d"])
-def test_in_place_op_on_the_result_copies_nothing(kind, shape):
+@pytest.mark.parametrize("shape,fmt", [((2, 64, 7, 7), torch.contiguous_format), ((2, 64, 7, 7), torch.channels_last),
+                                       ((2, 7, 64), torch.contiguous_format)],
+                         ids=["nchw", "channels_last", "features_last_3d"])
+def test_in_place_op_on_the_result_copies_nothing(kind, shape, fmt):
     """A ResNet block's ReLU(inplace=True) on the skip's result: the result is not a view of
     the op's output, so autograd does not rebase the in-place op (CopySlices: a clone and two
     copies of the gradient) and the gradients are those of the out-of-place ReLU."""
@@ -413,13 +415,13 @@ def test_in_place_op_on_the_result_copies_nothing(kind, shape):
          "permutation": lambda: mappings.permutation(64, seed=1)}[kind]()
     feature_dim = 1 if len(shape) == 4 else -1
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=gen, requires_grad=True)
-    r = torch.randn(*shape, generator=gen, requires_grad=True)
-    g = torch.randn(*shape, generator=gen)
+    x, r, g = (torch.randn(*shape, generator=gen).contiguous(memory_format=fmt) for _ in range(3))
+    x.requires_grad_()
+    r.requires_grad_()
     alpha = torch.tensor(0.5, requires_grad=True)
     with _Recorder(keep_args=False) as rec:  # holding the args would keep autograd from stealing grads
         y = entskip.skip_add(x, m, r, alpha, feature_dim=feature_dim)
-        assert not y._is_view()
+        assert not y._is_view() and y.is_contiguous(memory_format=fmt)
         y.relu_()
         y.backward(g)
     copies = [str(f) for f, numel in rec.calls if str(f) in COPIES and numel >= x.numel()]
@@ -427,9 +429,11 @@ def test_in_place_op_on_the_result_copies_nothing(kind, shape):
     grads = [t.grad for t in (x, r, alpha)]
     for t in (x, r, alpha):
         t.grad = None
-    entskip.skip_add(x, m, r, alpha, feature_dim=feature_dim).relu().backward(g)
+    M = torch.eye(64) if m is None else m.matrix().detach()
+    mixed = torch.einsum("oc,nchw->nohw", M, x) if len(shape) == 4 else x @ M.T
+    (alpha * mixed + r).relu().backward(g)  # the reference, out of place
     for got, t in zip(grads, (x, r, alpha)):
-        torch.testing.assert_close(got, t.grad)
+        torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_channels_last_and_mixed_branch_formats():

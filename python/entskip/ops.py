@@ -203,6 +203,34 @@ def _reshaped_result(y: Tensor, shape) -> Tensor:
     return y.reshape(shape)
 
 
+class _ChannelsLastAlias(torch.autograd.Function):
+    """``y (N * H * W, C)``, contiguous, as the ``(N, C, H, W)`` channels_last map over the same
+    memory: a tensor of its own for autograd (not a view of ``y``), so that an in-place op on
+    it is not rebased (see :func:`_reshaped_result`); its gradient is the map's gradient as
+    ``(N * H * W, C)`` rows."""
+
+    @staticmethod
+    def forward(ctx, y, shape):
+        n, c, h, w = shape
+        return y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), (n, c, h, w), (h * w * c, 1, w * c, c))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1]), None
+
+
+def _channels_last_result(y: Tensor, shape) -> Tensor:
+    """The op's rows ``y (N * H * W, C)`` as the channels_last ``(N, C, H, W)`` result, without
+    a copy: a fresh tensor for autograd where ``y`` needs a gradient (eager, plain tensors),
+    else the permuted view (no autograd to rebase an in-place op; under ``torch.compile``
+    the graph is functionalised)."""
+    n, c, h, w = shape
+    if (y.requires_grad and torch.is_grad_enabled() and type(y) is Tensor and y.is_contiguous()
+            and not torch.compiler.is_compiling()):
+        return _ChannelsLastAlias.apply(y, tuple(shape))
+    return y.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 def skip_add(
     x: Tensor,
     mapping: Mapping | Tensor | None = None,
@@ -288,8 +316,9 @@ def skip_add(
         b2 = (branch if last else branch.movedim(fd, -1)).reshape(-1, d_out)
     if last:
         return _reshaped_result(run(x2, b2, alpha), (*lead, d_out))
-    y = run(x2, b2, alpha).reshape(*lead, d_out)
-    y = y.movedim(-1, fd)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return y  # already channels_last strides
-    return y.contiguous()
+    y = run(x2, b2, alpha)
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if channels_last and fd == 1:
+        return _channels_last_result(y, out_shape)  # the op's rows are the channels_last map
+    y = y.reshape(*lead, d_out).movedim(-1, fd)
+    return y if channels_last else y.contiguous()
