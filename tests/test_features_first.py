@@ -335,6 +335,35 @@ def test_gradcheck_float64_nchw():
         assert torch.autograd.gradcheck(fn, (p.detach().clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("kind", ["bsr", "dense"])
+def test_second_derivative_raises(kind, fmt):
+    """The BSR and dense ops are differentiable once: under create_graph=True the first
+    derivatives (dx, dM, dalpha) are the ordinary ones, and a second backward through them
+    raises instead of coming out silently wrong; dbranch (the incoming gradient) stays
+    differentiable."""
+    make = {"bsr": lambda: mappings.sparse(32, density=0.5, block=8, seed=1),
+            "dense": lambda: mappings.orthogonal(32, seed=2)}[kind]
+    m = _plain(make(), torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    x, r, g = (torch.randn(2, 32, 3, 2, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+               for _ in range(3))
+    for t in (x, r, g):
+        t.requires_grad_()
+    alpha = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    p = _param(m)
+    inputs = (x, p, alpha, r)
+    firsts = torch.autograd.grad(entskip.skip_add(x, m, r, alpha, feature_dim=1), inputs, g, create_graph=True)
+    M = m.matrix()
+    ref = alpha * torch.einsum("oc,nchw->nohw", M, x) + r
+    for got, want in zip(firsts, torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(got.detach(), want)
+    for first in firsts[:3]:
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            first.sum().backward(retain_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(firsts[3].sum(), g)[0], torch.ones_like(g))
+
+
 def test_opcheck_3d_forms():
     m = mappings.sparse(64, density=0.5, block=16, seed=1)
     values, *layout = _bsr_args(m, torch.float32)

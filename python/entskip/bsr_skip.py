@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import backends, devices, formats, gpu_dispatch, reference
+from .autograd_once import run_once_differentiable
 
 
 def bsr_skip_add(
@@ -133,9 +134,11 @@ if backends.native_available():
         need_x, need_values, need_alpha, need_branch = need[0], need[1], need[7], need[8]
         dx = dvalues = dalpha = None
         if need_x or need_values or need_alpha:
-            dx, dvalues, dalpha = torch.ops.entskip.bsr_skip_add_backward(
-                grad.contiguous(), x, values, *layout, alpha, [need_x, need_values, need_alpha]
-            )
+            dx, dvalues, dalpha = run_once_differentiable(
+                (grad, x, values, alpha),
+                lambda: torch.ops.entskip.bsr_skip_add_backward(
+                    grad.contiguous(), x, values, *layout, alpha, [need_x, need_values, need_alpha]),
+                "bsr_skip_add")
         return dx, dvalues, None, None, None, None, None, dalpha, grad if need_branch else None
 
     torch.library.register_autograd("entskip::bsr_skip_add", _backward, setup_context=_setup_context)

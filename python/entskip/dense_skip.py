@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import backends, devices, formats, gpu_dispatch, reference
+from .autograd_once import run_once_differentiable
 
 
 def dense_skip_add(x: Tensor, weight: Tensor, branch: Tensor | None, alpha: Tensor) -> Tensor:
@@ -97,9 +98,11 @@ if backends.native_available():
         need_x, need_w, need_alpha, need_branch = ctx.needs_input_grad
         dx = dw = dalpha = None
         if need_x or need_w or need_alpha:
-            dx, dw, dalpha = torch.ops.entskip.dense_skip_add_backward(
-                grad.contiguous(), x, weight, alpha, [need_x, need_w, need_alpha]
-            )
+            dx, dw, dalpha = run_once_differentiable(
+                (grad, x, weight, alpha),
+                lambda: torch.ops.entskip.dense_skip_add_backward(
+                    grad.contiguous(), x, weight, alpha, [need_x, need_w, need_alpha]),
+                "dense_skip_add")
         return dx, dw, dalpha, grad if need_branch else None
 
     torch.library.register_autograd("entskip::dense_skip_add", _backward, setup_context=_setup_context)
