@@ -219,7 +219,7 @@ void ff_block_product_with(const scalar_t* a, int64_t d_a, const acc_t* B, const
   for (int64_t t = 0; t < nnz; ++t)
     for (int64_t q = 0; q < kb; ++q)
       for (int64_t o = 0; o < b; ++o) Bp[(t * kb + q) * rpad + o] = Ops::block(B + (t * b + q * pair) * b, b, o);
-  // Tile columns: whole chunks of CW, as many as fit the L2 budget, no more than S needs.
+  // Tile columns: whole chunks of CW (ff_tile_columns: the L2 budget, at least 256, equal tiles).
   const int64_t tile = ff_tile_columns(S, prows * static_cast<int64_t>(sizeof(packed_t)), CW);
   const int64_t ntiles = (S + tile - 1) / tile, spatial = N * ntiles;
   const int64_t groups = std::clamp<int64_t>((4 * at::get_num_threads() + spatial - 1) / spatial, 1, nrows);
