@@ -21,42 +21,7 @@
 // output_mask is false (features first: dx[n] = alpha * M^T @ grad[n], dM summed over n):
 //   dx = alpha * (grad @ M),  dM = alpha * (grad^T @ x) on M's blocks,
 //   dalpha = <grad^T @ x, M>  (float, shape of alpha).
-#include <Python.h>
 #include <torch/library.h>
-
-#include "cpu/amx_support.h"
-
-extern "C" {
-// Importing entskip._C loads this library, which runs the registrations below.
-// entskip._C.openmp is 1 when the CPU kernels were compiled with OpenMP, the backend of
-// at::parallel_for in torch's builds: without it they run on one thread.
-// entskip._C.avx512_bf16 is 1 when they were compiled for a CPU with AVX512-BF16, which
-// gives the bfloat16 kernels their dot-product paths (ENTSKIP_CPU_AVX512_BF16=0 turns them off).
-// entskip._C.amx is 1 when this CPU has AMX-BF16 and the process may use its tiles: the
-// bfloat16 forward and dx of the block kernels then run on them (ENTSKIP_CPU_AMX=0 turns
-// that off).
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  PyObject* module = PyModule_Create(&module_def);
-#ifdef _OPENMP
-  constexpr long openmp = 1;
-#else
-  constexpr long openmp = 0;
-#endif
-#ifdef __AVX512BF16__
-  constexpr long avx512_bf16 = 1;
-#else
-  constexpr long avx512_bf16 = 0;
-#endif
-  if (module != nullptr && (PyModule_AddIntConstant(module, "openmp", openmp) != 0 ||
-                            PyModule_AddIntConstant(module, "avx512_bf16", avx512_bf16) != 0 ||
-                            PyModule_AddIntConstant(module, "amx", entskip::cpu::amx_supported() ? 1 : 0) != 0)) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
-}
-}
 
 TORCH_LIBRARY(entskip, m) {
   m.def("dense_skip_add(Tensor x, Tensor weight, Tensor alpha, Tensor? branch) -> Tensor");

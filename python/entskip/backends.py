@@ -35,7 +35,13 @@ try:
 
     NATIVE_ERROR: Exception | None = None
 except ImportError as err:  # the package still works on the reference backend
+    _C = None
     NATIVE_ERROR = err
+
+
+def native_module():
+    """The compiled library ``entskip._C``, ``None`` where it failed to load."""
+    return _C if NATIVE_ERROR is None else None
 
 
 def native_available() -> bool:

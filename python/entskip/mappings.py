@@ -247,7 +247,7 @@ class PermutationMapping(Mapping):
         n = index.numel()
         super().__init__(n, n)
         self.register_buffer("index", index.to(torch.int64))
-        versions.remember((self.index,), "permutation")
+        self._passed = (self.index, versions.state(self.index))  # the index that passed its check, with its state
         # the inverse permutation, for dx (derived from index: not saved)
         self.register_buffer("inverse", torch.argsort(self.index), persistent=False)
 
@@ -255,18 +255,27 @@ class PermutationMapping(Mapping):
         return torch.eye(self.in_features, device=self.index.device)[self.index]
 
     def skip_add_2d(self, x, branch, alpha):
-        return permutation_skip_add(x, self._checked_index(x), self.inverse, branch, alpha)
+        buffers = self._buffers  # not self.index: nn.Module's attribute lookup costs a microsecond a buffer
+        return permutation_skip_add(x, self._checked_index(x, buffers["index"]), buffers["inverse"], branch, alpha)
 
     def skip_add_features_first(self, x, branch, alpha):
-        return permutation_skip_add(x, self._checked_index(x), self.inverse, branch, alpha, features_first=True)
+        return permutation_skip_add(x, self._checked_index(x, self.index), self.inverse, branch, alpha,
+                                    features_first=True)
 
-    def _checked_index(self, x: Tensor) -> Tensor:
-        """``index``, on ``x``'s device and (once per version) still a permutation."""
-        index = self.index
-        devices.check_same(x, **{"mapping.index": index})
-        if not torch.compiler.is_compiling() and not versions.is_current((index,), "permutation"):
-            _check_permutation(index, self.in_features, "the mapping's index (edited in place?)")
-            versions.remember((index,), "permutation")
+    def _checked_index(self, x: Tensor, index: Tensor) -> Tensor:
+        """``index``, on ``x``'s device and (once per version) still a permutation.
+
+        The last index that passed is kept with its state (:func:`entskip.versions.state`)
+        on the mapping itself, not in :mod:`entskip.versions`' table, whose lookup costs more
+        than a small skip's kernel (and whose entry for ``index`` the GPU dispatch keeps
+        for the pair ``(index, inverse)``)."""
+        if index.device != x.device:
+            devices.check_same(x, **{"mapping.index": index})
+        if not torch.compiler.is_compiling():
+            passed = self._passed
+            if passed is None or passed[0] is not index or passed[1] != versions.state(index):
+                _check_permutation(index, self.in_features, "the mapping's index (edited in place?)")
+                self._passed = (index, versions.state(index))
         return index
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -85,7 +85,8 @@ class EntangledSkip(nn.Module):
         return -1
 
     def forward(self, x: Tensor, branch_out: Tensor | None = None) -> Tensor:
-        return skip_add(x, self.mapping, branch_out, self.alpha.view(()), feature_dim=self._feature_dim(x))
+        # alpha[0]: the 0-d view by the indexing fast path (a microsecond or two less than view(()))
+        return skip_add(x, self.mapping, branch_out, self.alpha[0], feature_dim=self._feature_dim(x))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         alpha = state_dict.get(prefix + "alpha")

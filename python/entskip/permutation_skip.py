@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, gpu_dispatch, reference
+from . import backends, direct_calls, gpu_dispatch, reference
 
 
 def permutation_skip_add(x: Tensor, index: Tensor, inverse: Tensor, branch: Tensor | None, alpha: Tensor,
@@ -38,7 +38,9 @@ def permutation_skip_add(x: Tensor, index: Tensor, inverse: Tensor, branch: Tens
         if features_first:
             return _swapped_back(reference.permutation_skip_add(x.transpose(1, 2), index, _swapped(branch), alpha))
         return reference.permutation_skip_add(x, index, branch, alpha)
-    return torch.ops.entskip.permutation_skip_add(x, index, inverse, alpha, branch, features_first)
+    if features_first:
+        return torch.ops.entskip.permutation_skip_add(x, index, inverse, alpha, branch, True)
+    return direct_calls.permutation_skip_add(x, index, inverse, alpha, branch)
 
 
 def _swapped(t: Tensor | None) -> Tensor | None:

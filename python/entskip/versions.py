@@ -23,7 +23,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 _passed = WeakIdKeyDictionary()  # first tensor of a group -> (tag, ((weakref, state), ...))
 
 
-def _state(t: Tensor) -> tuple:
+def state(t: Tensor) -> tuple:
+    """``t``'s data pointer and version counter (``None`` for an inference tensor)."""
     return (t.data_ptr(), None if t.is_inference() else t._version)
 
 
@@ -32,9 +33,9 @@ def is_current(tensors: tuple[Tensor, ...], tag) -> bool:
     entry = _passed.get(tensors[0])
     if entry is None or entry[0] != tag or len(entry[1]) != len(tensors):
         return False
-    return all(ref() is t and _state(t) == state for (ref, state), t in zip(entry[1], tensors))
+    return all(ref() is t and state(t) == passed for (ref, passed), t in zip(entry[1], tensors))
 
 
 def remember(tensors: tuple[Tensor, ...], tag) -> None:
     """Record that ``tensors``, as they are now, passed the check ``tag``."""
-    _passed[tensors[0]] = (tag, tuple((weakref.ref(t), _state(t)) for t in tensors))
+    _passed[tensors[0]] = (tag, tuple((weakref.ref(t), state(t)) for t in tensors))

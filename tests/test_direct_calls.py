@@ -1,0 +1,164 @@
+"""The direct calls of the elementwise ops (``entskip._C.identity_skip_add`` /
+``permutation_skip_add``, ``direct_calls.py``): eager ``skip_add`` on plain tensors takes
+them, they are the op (same results, autograd, dispatch modes see the op), and everything
+they cannot serve (tensor subclasses, torch function modes, ``torch.compile``) goes through
+``torch.ops``. Also the permutation mapping's own record of the index that passed its check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import entskip
+from entskip import _C, direct_calls, gpu_dispatch, mappings, reference, versions
+
+from conftest import assert_close
+
+KINDS = ["identity", "permutation"]
+
+
+class _CountingC:
+    """Stands in for ``entskip._C`` in ``direct_calls``: counts the direct calls it forwards."""
+
+    def __init__(self):
+        self.calls = []
+
+    def identity_skip_add(self, *args):
+        self.calls.append("identity")
+        return _C.identity_skip_add(*args)
+
+    def permutation_skip_add(self, *args):
+        self.calls.append("permutation")
+        return _C.permutation_skip_add(*args)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    c = _CountingC()
+    monkeypatch.setattr(direct_calls, "_C", c)
+    return c
+
+
+def _case(kind, dtype=torch.float64, shape=(3, 5, 24), grad=True):
+    gen = torch.Generator().manual_seed(7)
+    x, branch = (torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(grad) for _ in range(2))
+    alpha = torch.tensor(0.6, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=grad)
+    mapping = None if kind == "identity" else mappings.permutation(shape[-1], seed=3)
+    return x, branch, alpha, mapping
+
+
+def _expected(kind, x, branch, alpha, mapping):
+    if kind == "identity":
+        return reference.identity_skip_add(x, branch, alpha)
+    return reference.permutation_skip_add(x, mapping.index, branch, alpha)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("with_branch", [True, False])
+def test_eager_skip_add_takes_the_direct_call_and_matches_the_reference(counting, kind, with_branch):
+    x, branch, alpha, mapping = _case(kind)
+    branch = branch if with_branch else None
+    y = entskip.skip_add(x, mapping, branch, alpha)
+    assert counting.calls == [kind]
+    expected = _expected(kind, x, branch, alpha, mapping)
+    assert_close(y, expected, torch.float64)
+    g = torch.randn_like(y)
+    inputs = (x, alpha) + ((branch,) if with_branch else ())
+    got = torch.autograd.grad(y, inputs, g)
+    want = torch.autograd.grad(expected, inputs, g)
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_direct_call_is_the_op_for_dispatch_modes(counting, kind):
+    x, branch, alpha, mapping = _case(kind, torch.float32, grad=False)
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log() as log:
+        entskip.skip_add(x, mapping, branch, alpha)
+    assert counting.calls == [kind]
+    assert f"entskip.{kind}_skip_add.default" in log.ops
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_function_modes_and_subclasses_go_through_torch_ops(counting, kind):
+    x, branch, alpha, mapping = _case(kind, torch.float32, grad=False)
+
+    class Log(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log() as log:
+        y = entskip.skip_add(x, mapping, branch, alpha)
+    assert f"entskip.{kind}_skip_add" in log.funcs  # the mode saw the op: torch.ops ran it
+
+    class Sub(torch.Tensor):
+        pass
+
+    ys = entskip.skip_add(x.as_subclass(Sub), mapping, branch, alpha)
+    assert type(ys) is Sub
+    assert counting.calls == []
+    assert torch.equal(ys.as_subclass(torch.Tensor), y)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_skip_add_does_not_break_the_graph(kind):
+    x, branch, alpha, mapping = _case(kind, torch.float32, grad=False)
+    compiled = torch.compile(lambda x, b, a: entskip.skip_add(x, mapping, b, a), backend="aot_eager", fullgraph=True)
+    assert_close(compiled(x, branch, alpha), entskip.skip_add(x, mapping, branch, alpha), torch.float32)
+
+
+def test_direct_calls_raise_typed_errors():
+    x = torch.randn(2, 4)
+    alpha = torch.tensor(0.5)
+    with pytest.raises(TypeError, match="branch must be a tensor"):
+        _C.identity_skip_add(x, alpha, 3)
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        _C.identity_skip_add(x, alpha)
+    with pytest.raises(RuntimeError, match="branch must have x's shape"):
+        _C.identity_skip_add(x, alpha, torch.randn(1, 4))
+    index = torch.arange(4)
+    with pytest.raises(RuntimeError, match="inverse is not the inverse permutation"):
+        _C.permutation_skip_add(x, index, index.flip(0), alpha, None)
+
+
+def test_permutation_mapping_rechecks_a_replaced_or_edited_index():
+    mapping = mappings.permutation(8).double()
+    x = torch.randn(2, 8, dtype=torch.float64)
+    entskip.skip_add(x, mapping)
+    mapping.index = mapping.index.clone()  # a new tensor object, still a permutation: passes again
+    entskip.skip_add(x, mapping)
+    mapping.index[0] = mapping.index[1]  # edited in place: its version moved on
+    with entskip.use_backend("reference"), pytest.raises(ValueError, match="edited in place"):
+        entskip.skip_add(x, mapping)
+    mapping.index = torch.tensor([1, 1, 2, 3, 4, 5, 6, 7])  # a fresh invalid tensor
+    with entskip.use_backend("reference"), pytest.raises(ValueError, match="edited in place"):
+        entskip.skip_add(x, mapping)
+
+
+def test_permutation_mapping_keeps_the_gpu_dispatch_record_of_index_and_inverse():
+    """The mapping keeps its own record, so the GPU dispatch's record of the pair (index,
+    inverse) survives a call (they once shared one entry and each call checked twice, with a
+    device-to-host copy each on a GPU)."""
+    mapping = mappings.permutation(8)
+    x = torch.randn(2, 8)
+    gpu_dispatch.validate_permutation(mapping.index, mapping.inverse, x)
+    entskip.skip_add(x, mapping)
+    assert versions.is_current((mapping.index, mapping.inverse), "permutation")
