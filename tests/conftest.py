@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():  # the Triton kernels run in the interpreter on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -131,3 +132,19 @@ def stored_tensor(mapping: mappings.Mapping) -> torch.Tensor | None:
 
 def mapping_matrix(mapping: mappings.Mapping) -> torch.Tensor:
     return mapping.matrix().detach().double()
+
+
+class OpLog(TorchDispatchMode):
+    """Records every op that reaches the dispatcher's Python mode (``ops``), and those with a
+    tensor argument of more than one element (``big``: not the checks of a 0-d alpha)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.big = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        if any(isinstance(t, torch.Tensor) and t.numel() > 1 for t in flat):
+            self.big.append(str(func))
+        return func(*args, **(kwargs or {}))

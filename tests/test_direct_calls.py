@@ -10,12 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import entskip
 from entskip import _C, direct_calls, gpu_dispatch, mappings, reference, versions
 
-from conftest import assert_close
+from conftest import OpLog, assert_close
 
 KINDS = ["identity", "permutation"]
 
@@ -76,17 +75,7 @@ def test_eager_skip_add_takes_the_direct_call_and_matches_the_reference(counting
 @pytest.mark.parametrize("kind", KINDS)
 def test_direct_call_is_the_op_for_dispatch_modes(counting, kind):
     x, branch, alpha, mapping = _case(kind, torch.float32, grad=False)
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Log() as log:
+    with OpLog() as log:
         entskip.skip_add(x, mapping, branch, alpha)
     assert counting.calls == [kind]
     assert f"entskip.{kind}_skip_add.default" in log.ops
@@ -149,6 +138,18 @@ def test_permutation_mapping_rechecks_a_replaced_or_edited_index():
     with entskip.use_backend("reference"), pytest.raises(ValueError, match="edited in place"):
         entskip.skip_add(x, mapping)
     mapping.index = torch.tensor([1, 1, 2, 3, 4, 5, 6, 7])  # a fresh invalid tensor
+    with entskip.use_backend("reference"), pytest.raises(ValueError, match="edited in place"):
+        entskip.skip_add(x, mapping)
+
+
+def test_permutation_mapping_pickled_without_a_check_record_checks_its_index():
+    mapping = mappings.permutation(8).double()
+    del mapping.__dict__["_passed"]  # as a mapping pickled whole before the record existed
+    x = torch.randn(2, 8, dtype=torch.float64)
+    assert_close(entskip.skip_add(x, mapping), reference.permutation_skip_add(x, mapping.index, None,
+                                                                              torch.tensor(1.0, dtype=torch.float64)),
+                 torch.float64)
+    mapping.index[0] = mapping.index[1]
     with entskip.use_backend("reference"), pytest.raises(ValueError, match="edited in place"):
         entskip.skip_add(x, mapping)
 

@@ -14,12 +14,11 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import entskip
 from entskip import gpu_dispatch, identity_skip, mappings, permutation_skip, reference
 
-from conftest import assert_close
+from conftest import OpLog, assert_close
 
 OPS = torch.ops.entskip
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -44,22 +43,6 @@ def _inputs(shape, dtype, seed=0, alpha=0.7):
     return x, branch, grad, a
 
 
-class _OpLog(TorchDispatchMode):
-    """Records every op that reaches the dispatcher's Python mode (``ops``), and those with a
-    tensor argument of more than one element (``big``: not the checks of a 0-d alpha)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.big = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        flat = torch.utils._pytree.tree_leaves((args, kwargs))
-        if any(isinstance(t, torch.Tensor) and t.numel() > 1 for t in flat):
-            self.big.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 # ----------------------------------------------------------------------------------------
 # Fusion: the mappings and skip_add(x, None) go through the fused ops.
 
@@ -68,7 +51,7 @@ def test_skips_run_the_fused_op(call, cpu_backend):
     x, branch, _, alpha = _inputs((4, 32), torch.float32)
     fused = "entskip.permutation_skip_add.default" if call == "permutation_mapping" else "entskip.identity_skip_add.default"
     identity, perm, module = mappings.identity(32), mappings.permutation(32, seed=1), entskip.EntangledSkip(32, alpha=0.9)
-    with _OpLog() as log:
+    with OpLog() as log:
         if call == "identity_mapping":
             identity.skip_add_2d(x, branch, alpha)
         elif call == "skip_add_none":
@@ -88,7 +71,7 @@ def test_fused_backward_is_one_op(kind, cpu_backend):
     mapping = _mapping(kind, 48)
     x, branch, alpha = (t.requires_grad_() for t in (x, branch, alpha))
     y = entskip.skip_add(x, mapping, branch, alpha)
-    with _OpLog() as log:
+    with OpLog() as log:
         dx, dbranch, dalpha = torch.autograd.grad(y, (x, branch, alpha), grad)
     assert log.ops.count(f"entskip.{kind}_skip_add_backward.default") == 1
     assert [op for op in log.big if not op.startswith(("aten.view", "aten._unsafe_view", "aten.reshape"))] == [
@@ -99,7 +82,7 @@ def test_fused_backward_is_one_op(kind, cpu_backend):
 @pytest.mark.parametrize("kind", KINDS)
 def test_reference_backend_keeps_plain_torch_ops(kind):
     x, branch, _, alpha = _inputs((4, 16), torch.float32)
-    with entskip.use_backend("reference"), _OpLog() as log:
+    with entskip.use_backend("reference"), OpLog() as log:
         entskip.skip_add(x, _mapping(kind, 16), branch, alpha)
     assert not [op for op in log.ops if op.startswith("entskip.")]
     assert "aten.mul.Tensor" in log.ops

@@ -41,7 +41,7 @@ except ImportError as err:  # the package still works on the reference backend
 
 def native_module():
     """The compiled library ``entskip._C``, ``None`` where it failed to load."""
-    return _C if NATIVE_ERROR is None else None
+    return _C
 
 
 def native_available() -> bool:

@@ -21,12 +21,12 @@ from torch import Tensor
 from . import backends
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # no __torch_function__ of their own
-_C = backends.native_module()
+_C = backends.native_module()  # loaded: an op family reaches these calls only on a native backend
 
 
 def allowed(x: Tensor, branch: Tensor | None, alpha: Tensor) -> bool:
     """Whether ``x``, ``branch`` and ``alpha`` may go to a direct call (see the module doc)."""
-    return (_C is not None and type(x) in _PLAIN and type(alpha) in _PLAIN and (branch is None or type(branch) in _PLAIN)
+    return (type(x) in _PLAIN and type(alpha) in _PLAIN and (branch is None or type(branch) in _PLAIN)
             and not torch._C._is_torch_function_mode_enabled() and not torch.compiler.is_compiling())
 
 

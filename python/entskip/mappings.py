@@ -272,7 +272,7 @@ class PermutationMapping(Mapping):
         if index.device != x.device:
             devices.check_same(x, **{"mapping.index": index})
         if not torch.compiler.is_compiling():
-            passed = self._passed
+            passed = self.__dict__.get("_passed")  # absent in a mapping pickled whole before it existed
             if passed is None or passed[0] is not index or passed[1] != versions.state(index):
                 _check_permutation(index, self.in_features, "the mapping's index (edited in place?)")
                 self._passed = (index, versions.state(index))
