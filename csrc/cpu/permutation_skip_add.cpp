@@ -1,8 +1,9 @@
 // CPU implementation of the permutation skip-add, y[..., i] = alpha * x[..., index[i]] +
 // branch[..., i], and its backward (schemas in csrc/ops.cpp), each one pass over memory:
-//   forward   per tile of 16 (float64: 8) rows: permute the rows of x into a buffer
-//             (PermutedRows), then y = alpha * permuted + branch row by row, as the
-//             identity skip does (elementwise::forward_segment);
+//   forward   per row (short rows, permuted in registers: register_permute.h) or per tile
+//             of 16 (float64: 8) rows: permute the rows of x into a buffer (PermutedRows),
+//             then y = alpha * permuted + branch row by row, as the identity skip does
+//             (elementwise::forward_segment);
 //   backward  the same with grad and inverse: dx[j] = alpha * grad[inverse[j]] and
 //             grad[inverse[j]] * x[j] added into dalpha (elementwise::backward_segment).
 // A tile's rows of x (of grad) are read side by side in order; branch, y, dx and x for
@@ -17,8 +18,10 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
 
 #include "elementwise_skip.h"
+#include "register_permute.h"
 
 namespace entskip::cpu {
 namespace {
@@ -108,21 +111,33 @@ int64_t chunk_rows(int64_t d) {
 }
 
 // The permuted rows of a (rows, d) matrix of T, q[r][i] = p[r][idx[i]]: either read from
-// `permuted`, a copy made up front (rows wider than kMaxTileColumns), or made tile by tile
-// in `buffers` (see load_tile), one object per thread.
+// `permuted`, a copy made up front (rows wider than kMaxTileColumns), or made in a buffer,
+// one object per thread: row by row in registers (RegisterPermute, short rows, AVX-512) or
+// tile by tile (see load_tile).
 template <typename T>
 class PermutedRows {
  public:
   PermutedRows(const T* p, int64_t stride, const int32_t* idx, int64_t d, const T* permuted)
       : p_(p), stride_(stride), idx_(idx), d_(d), permuted_(permuted) {
-    if (permuted_ == nullptr) {  // 64-byte aligned buffers: whole-line column loads and stores
-      tile_stride_ = (d * Tile<T>::W * sizeof(T) + 63) / 64 * 64 / sizeof(T);
-      buffers_ = at::empty({2 * tile_stride_}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    if (permuted_ != nullptr) return;
+    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+#if defined(__AVX512BW__)
+    if (RegisterPermute<T>::takes(d)) {
+      registers_.emplace(idx, d);
+      buffers_ = at::empty({d}, options);
+      return;
     }
+#endif
+    // 64-byte aligned tile buffers: whole-line column loads and stores
+    tile_stride_ = (d * Tile<T>::W * sizeof(T) + 63) / 64 * 64 / sizeof(T);
+    buffers_ = at::empty({2 * tile_stride_}, options);
   }
 
-  // fn(r, n, q) for the tiles of rows [begin, end), in order from begin: q[k * d + i] =
-  // p[r + k][idx[i]] for k < n.
+  // fn(r, n, q) for consecutive tiles of n rows covering [begin, end), in order: q[k * d + i]
+  // = p[r + k][idx[i]] for k < n. Rows permuted in registers come one at a time (n = 1):
+  // each row of p is then read just before fn reads and writes the same row of its other
+  // operands, as the identity's kernels do (permuted 16 rows ahead of them, the float32
+  // 16 x 197 x 192 forward was no faster than with the tiled transposes).
   template <typename Fn>
   void for_tiles(int64_t begin, int64_t end, Fn&& fn) {
     constexpr int64_t W = Tile<T>::W;
@@ -131,6 +146,15 @@ class PermutedRows {
       return;
     }
     T* t = buffers_.mutable_data_ptr<T>();
+#if defined(__AVX512BW__)
+    if (registers_.has_value()) {
+      for (int64_t r = begin; r < end; ++r) {
+        (*registers_)(p_ + r * stride_, t);
+        fn(r, int64_t{1}, static_cast<const T*>(t));
+      }
+      return;
+    }
+#endif
     T* q = t + tile_stride_;
     for (int64_t r = begin; r < end; r += W) {
       const int64_t n = std::min(W, end - r);
@@ -148,6 +172,9 @@ class PermutedRows {
   const T* permuted_;
   int64_t tile_stride_ = 0;
   at::Tensor buffers_;
+#if defined(__AVX512BW__)
+  std::optional<RegisterPermute<T>> registers_;
+#endif
 };
 
 // The rows of r permuted through `index` by ATen (contiguous), where rows are wider than
