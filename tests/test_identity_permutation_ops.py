@@ -166,11 +166,15 @@ def _check(kind, dtype, lead, with_branch, run_forward, run_backward, d=40, seed
 
 
 # The CPU permutation kernel works on tiles of 16 rows (8 for float64) transposed in 16 x 16
-# (8 x 8) blocks: row counts and feature counts on either side of those sizes, row counts
-# spanning several work chunks (about 16384 elements each) with a partial last tile, and
-# rows wider than 16384 features (permuted by a copy instead of tiles).
+# (8 x 8) blocks, 16-bit tiles two blocks at a time with AVX-512 (544, 560 and 575 features:
+# pairs of blocks only, then one block, then a scalar tail): row counts and feature counts
+# on either side of those sizes, row counts spanning several work chunks (about 16384
+# elements each) with a partial last tile, and rows wider than 16384 features (permuted by
+# a copy instead of tiles). With AVX-512 the rows of up to 50 features here are permuted in
+# registers instead (next test); the wider ones keep the tiles' partial tiles and tails.
 @pytest.mark.parametrize("rows,d", [(r, d) for r in (1, 7, 8, 9, 15, 16, 17, 40) for d in (1, 7, 8, 15, 16, 17, 50)]
-                         + [(1030, 16), (100, 200), (33, 1000), (3, 16385), (17, 16400)], ids=lambda v: str(v))
+                         + [(1030, 16), (100, 200), (33, 1000), (19, 544), (19, 560), (5, 575), (3, 16385), (17, 16400)],
+                         ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_permutation_tile_edges(dtype, rows, d, poisoned, cpu_backend):
     _check("permutation", dtype, (rows,), True, _cpu_forward, _cpu_backward, d=d, seed=rows * 1000 + d)

@@ -232,6 +232,43 @@ inline void transpose_16x16_epi16(V* v) {
 
 }  // namespace detail
 
+#if defined(__AVX512BW__)
+// Two 16 x 16 transposes of 16-bit lanes at once, one in each 256-bit half of 16 64-byte
+// vectors (v[k]: row k of matrix A in the low half, of matrix B in the high half; after:
+// column k of each): the unpack stages above at the same cost for twice the elements, then
+// vpermt2q gathers each half's rows 0-7 and 8-15.
+__attribute__((always_inline)) inline void transpose_16x16_epi16_pairs(__m512i* v) {
+  __m512i a[16];
+  for (int h = 0; h < 16; h += 8) {  // rows h .. h + 7, as in transpose_16x16_epi16
+    for (int i = 0; i < 8; i += 2) {
+      a[h + i] = _mm512_unpacklo_epi16(v[h + i], v[h + i + 1]);
+      a[h + i + 1] = _mm512_unpackhi_epi16(v[h + i], v[h + i + 1]);
+    }
+    __m512i b[8];
+    for (int q = 0; q < 2; ++q) {
+      for (int s = 0; s < 2; ++s) {
+        b[4 * q + 2 * s] = _mm512_unpacklo_epi32(a[h + 4 * s + q], a[h + 4 * s + 2 + q]);
+        b[4 * q + 2 * s + 1] = _mm512_unpackhi_epi32(a[h + 4 * s + q], a[h + 4 * s + 2 + q]);
+      }
+    }
+    for (int q = 0; q < 2; ++q) {
+      for (int e = 0; e < 2; ++e) {
+        const int c = 4 * q + 2 * e;
+        v[h + c] = _mm512_unpacklo_epi64(b[4 * q + e], b[4 * q + 2 + e]);
+        v[h + c + 1] = _mm512_unpackhi_epi64(b[4 * q + e], b[4 * q + 2 + e]);
+      }
+    }
+    // v[h + c], 128-bit lanes: rows h .. h + 7 of A at column c, of A at c + 8, of B at c, of B at c + 8
+  }
+  const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  for (int c = 0; c < 8; ++c) {
+    a[c] = _mm512_permutex2var_epi64(v[c], low, v[8 + c]);
+    a[c + 8] = _mm512_permutex2var_epi64(v[c], high, v[8 + c]);
+  }
+  for (int c = 0; c < 16; ++c) v[c] = a[c];
+}
+#endif
+
 // The transpose of the W x W matrix whose rows are v[0], ..., v[W-1], for any vector type V
 // of W lanes (2, 4 or 8 bytes): the unpack sequence above for 16 x 16-bit lanes with AVX2,
 // else the generic stages.
