@@ -1,8 +1,9 @@
 """The direct calls of the elementwise ops (``entskip._C.identity_skip_add`` /
-``permutation_skip_add``, ``direct_calls.py``): eager ``skip_add`` on plain tensors takes
-them, they are the op (same results, autograd, dispatch modes see the op), and everything
-they cannot serve (tensor subclasses, torch function modes, ``torch.compile``) goes through
-``torch.ops``. Also the permutation mapping's own record of the index that passed its check.
+``permutation_skip_add`` / ``plain_skip_add``, ``direct_calls.py``): eager ``skip_add`` on
+plain tensors takes them, they are the op (same results, autograd, dispatch modes see the
+op), and everything they cannot serve (tensor subclasses, torch function modes,
+``torch.compile``, anything ``plain_skip_add`` declines) goes through ``torch.ops``. Also
+the permutation mapping's own record of the index that passed its check.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ KINDS = ["identity", "permutation"]
 
 
 class _CountingC:
-    """Stands in for ``entskip._C`` in ``direct_calls``: counts the direct calls it forwards."""
+    """Stands in for ``entskip._C`` in ``direct_calls``: counts the direct calls it forwards
+    (``plain_skip_add`` ones where they ran an op)."""
 
     def __init__(self):
         self.calls = []
@@ -32,6 +34,12 @@ class _CountingC:
     def permutation_skip_add(self, *args):
         self.calls.append("permutation")
         return _C.permutation_skip_add(*args)
+
+    def plain_skip_add(self, x, index, *args):
+        y = _C.plain_skip_add(x, index, *args)
+        if y is not None:
+            self.calls.append("identity" if index is None else "permutation")
+        return y
 
 
 @pytest.fixture
@@ -126,6 +134,67 @@ def test_direct_calls_raise_typed_errors():
     index = torch.arange(4)
     with pytest.raises(RuntimeError, match="inverse is not the inverse permutation"):
         _C.permutation_skip_add(x, index, index.flip(0), alpha, None)
+
+
+def _plain_case():
+    x, branch = torch.randn(3, 8), torch.randn(3, 8)
+    return {"x": x, "index": None, "inverse": None, "branch": branch, "alpha": torch.tensor(0.5), "features": 8}
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+# What entskip._C.plain_skip_add leaves to skip_add's general path (which checks it and
+# raises the documented errors, or runs it another way).
+_DECLINED = {
+    "x subclass": lambda a: a.update(x=a["x"].as_subclass(_Sub)),
+    "x meta": lambda a: a.update(x=a["x"].to("meta"), branch=None),
+    "x int": lambda a: a.update(x=torch.ones(3, 8, dtype=torch.int32), branch=None),
+    "x 0-d": lambda a: a.update(x=torch.tensor(1.0), branch=None, features=-1),
+    "x sparse": lambda a: a.update(x=a["x"].to_sparse(), branch=None),
+    "features": lambda a: a.update(features=4),
+    "alpha 1-d": lambda a: a.update(alpha=torch.tensor([0.5])),
+    "alpha int": lambda a: a.update(alpha=torch.tensor(1)),
+    "alpha inf": lambda a: a.update(alpha=torch.tensor(float("inf"))),
+    "alpha nan": lambda a: a.update(alpha=torch.tensor(float("nan"), dtype=torch.bfloat16)),
+    "alpha beyond float32": lambda a: a.update(alpha=torch.tensor(1e39, dtype=torch.float64)),
+    "alpha meta": lambda a: a.update(alpha=torch.tensor(0.5, device="meta")),
+    "alpha subclass": lambda a: a.update(alpha=a["alpha"].as_subclass(_Sub)),
+    "branch shape": lambda a: a.update(branch=torch.randn(1, 8)),
+    "branch dtype": lambda a: a.update(branch=a["branch"].double()),
+    "branch subclass": lambda a: a.update(branch=a["branch"].as_subclass(_Sub)),
+    "branch meta": lambda a: a.update(branch=a["branch"].to("meta")),
+    "index subclass": lambda a: a.update(index=torch.arange(8).as_subclass(_Sub), inverse=torch.arange(8)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_DECLINED))
+def test_plain_cpu_call_declines_what_it_does_not_serve(case):
+    args = _plain_case()
+    assert isinstance(_C.plain_skip_add(*args.values()), torch.Tensor)
+    _DECLINED[case](args)
+    assert _C.plain_skip_add(*args.values()) is None
+
+
+def test_plain_cpu_call_declines_under_autocast_and_torch_function_modes():
+    args = _plain_case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _C.plain_skip_add(*args.values()) is None
+    with TorchFunctionMode():
+        assert _C.plain_skip_add(*args.values()) is None
+
+
+def test_plain_cpu_call_alpha_at_the_float32_limit():
+    """alpha finite in float32 once rounded (the largest float32) runs; the next double that
+    rounds to infinity is declined, and skip_add raises its ValueError for it."""
+    args = _plain_case()
+    args["alpha"] = torch.tensor(torch.finfo(torch.float32).max, dtype=torch.float64)
+    assert isinstance(_C.plain_skip_add(*args.values()), torch.Tensor)
+    args["alpha"] = torch.tensor(2.0**128 - 2.0**103, dtype=torch.float64)
+    assert _C.plain_skip_add(*args.values()) is None
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        entskip.skip_add(args["x"], None, args["branch"], args["alpha"])
 
 
 def test_permutation_mapping_rechecks_a_replaced_or_edited_index():

@@ -56,12 +56,16 @@ def _checked(name: str) -> str:
 
 
 _backend = _checked(os.environ.get("ENTSKIP_BACKEND", "auto"))
+# Whether CPU tensors run the C++ kernels under the selected backend (``auto`` or ``cpu``
+# with entskip._C loaded): read by skip_add's short path, kept by set_backend.
+native_cpu = _backend in ("auto", "cpu") and native_available()
 
 
 def set_backend(name: str) -> None:
     """Select the backend used by every entskip op from now on (see the module doc)."""
-    global _backend
+    global _backend, native_cpu
     _backend = _checked(name)
+    native_cpu = _backend in ("auto", "cpu") and native_available()
 
 
 def get_backend() -> str:

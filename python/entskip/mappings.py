@@ -140,6 +140,12 @@ class Mapping(nn.Module):
         (``branch`` and the result then ``(N, out_features, S)``)."""
         raise NotImplementedError
 
+    def elementwise_operands(self, x: Tensor) -> tuple[Tensor | None, Tensor | None] | None:
+        """For a mapping that runs an elementwise op on features-last ``x`` of any rank:
+        ``(index, inverse)`` of the permutation op (``(None, None)``: the identity op), with
+        ``index`` checked for ``x``; ``None`` for any other mapping."""
+        return None
+
     def skip_add_features_first(self, x: Tensor, branch: Tensor | None, alpha: Tensor) -> Tensor:
         """``alpha * (M @ x[n]) + branch[n]`` for validated features-first ``x (N, in_features, S)``,
         where :attr:`features_first`: :meth:`skip_add_2d`, unless a mapping that takes any rank
@@ -201,6 +207,9 @@ class IdentityMapping(Mapping):
     def skip_add_2d(self, x, branch, alpha):
         return identity_skip_add(x, branch, alpha)
 
+    def elementwise_operands(self, x):
+        return None, None
+
     @property
     def density(self) -> float:
         return 1.0 / self.in_features
@@ -261,6 +270,10 @@ class PermutationMapping(Mapping):
     def skip_add_features_first(self, x, branch, alpha):
         return permutation_skip_add(x, self._checked_index(x, self.index), self.inverse, branch, alpha,
                                     features_first=True)
+
+    def elementwise_operands(self, x):
+        buffers = self._buffers
+        return self._checked_index(x, buffers["index"]), buffers["inverse"]
 
     def _checked_index(self, x: Tensor, index: Tensor) -> Tensor:
         """``index``, on ``x``'s device and (once per version) still a permutation.
