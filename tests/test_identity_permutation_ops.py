@@ -307,7 +307,7 @@ def test_non_contiguous_inputs(kind, dtype, poisoned, cpu_backend):
         assert_close(dalpha, da_ref, dtype, f"{name}: dalpha", scale=(g.double() * xr).abs().sum().item())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_nan_and_inf_propagate_as_in_the_reference(kind, dtype, cpu_backend):
     mapping = _mapping(kind, 40)
