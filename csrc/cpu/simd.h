@@ -237,38 +237,67 @@ inline void transpose_stages(V* v) {
 }
 
 #if defined(__AVX2__)
-// The transpose of 16 rows of 16 16-bit lanes (32-byte vectors) by unpacks, one-cycle
-// shuffles (the generic stages compile to two-source word permutes, vpermt2w, several
-// times slower): 16-, 32- and 64-bit interleaves within 128-bit lanes transpose each half of
-// rows 0-7 and of rows 8-15 as an 8 x 8 matrix, then vperm2i128 exchanges the halves.
-template <typename V>
-inline void transpose_16x16_epi16(V* v) {
-  static_assert(sizeof(V) == 32 && sizeof(v[0][0]) == 2, "16 lanes of 16 bits");
-  __m256i r[16], a[16];
-  std::memcpy(r, v, sizeof(r));
+// 16-, 32- and 64-bit interleaves of 32- (__m256i) or 64-byte (__m512i) registers, which
+// work within 128-bit lanes.
+struct Interleave256 {
+  static __m256i lo16(__m256i a, __m256i b) { return _mm256_unpacklo_epi16(a, b); }
+  static __m256i hi16(__m256i a, __m256i b) { return _mm256_unpackhi_epi16(a, b); }
+  static __m256i lo32(__m256i a, __m256i b) { return _mm256_unpacklo_epi32(a, b); }
+  static __m256i hi32(__m256i a, __m256i b) { return _mm256_unpackhi_epi32(a, b); }
+  static __m256i lo64(__m256i a, __m256i b) { return _mm256_unpacklo_epi64(a, b); }
+  static __m256i hi64(__m256i a, __m256i b) { return _mm256_unpackhi_epi64(a, b); }
+};
+#if defined(__AVX512BW__)
+struct Interleave512 {
+  static __m512i lo16(__m512i a, __m512i b) { return _mm512_unpacklo_epi16(a, b); }
+  static __m512i hi16(__m512i a, __m512i b) { return _mm512_unpackhi_epi16(a, b); }
+  static __m512i lo32(__m512i a, __m512i b) { return _mm512_unpacklo_epi32(a, b); }
+  static __m512i hi32(__m512i a, __m512i b) { return _mm512_unpackhi_epi32(a, b); }
+  static __m512i lo64(__m512i a, __m512i b) { return _mm512_unpacklo_epi64(a, b); }
+  static __m512i hi64(__m512i a, __m512i b) { return _mm512_unpackhi_epi64(a, b); }
+};
+#endif
+
+// Within each 128-bit lane, the 8 x 8 transposes of 16-bit lanes of rows 0-7 and of rows
+// 8-15 by 16-, 32- and 64-bit interleaves: after, r[h + c] (h = 0, 8; c < 8) holds rows
+// h .. h + 7 at column c of each 128-bit lane's 8 x 8 block.
+template <typename I, typename R>
+__attribute__((always_inline)) inline void interleave_8x8_epi16(R* r) {
+  R a[16];
   for (int h = 0; h < 16; h += 8) {  // rows h .. h + 7
     for (int i = 0; i < 8; i += 2) {
-      a[h + i] = _mm256_unpacklo_epi16(r[h + i], r[h + i + 1]);
-      a[h + i + 1] = _mm256_unpackhi_epi16(r[h + i], r[h + i + 1]);
+      a[h + i] = I::lo16(r[h + i], r[h + i + 1]);
+      a[h + i + 1] = I::hi16(r[h + i], r[h + i + 1]);
     }
-    // a[h + 2p + q]: rows h + 2p, h + 2p + 1 at columns 4q .. 4q + 3 (of each half)
-    __m256i b[8];
+    // a[h + 2p + q]: rows h + 2p, h + 2p + 1 at columns 4q .. 4q + 3 (of each lane)
+    R b[8];
     for (int q = 0; q < 2; ++q) {
       for (int s = 0; s < 2; ++s) {  // rows h + 4s .. h + 4s + 3: pairs p = 2s, 2s + 1
-        b[4 * q + 2 * s] = _mm256_unpacklo_epi32(a[h + 4 * s + q], a[h + 4 * s + 2 + q]);
-        b[4 * q + 2 * s + 1] = _mm256_unpackhi_epi32(a[h + 4 * s + q], a[h + 4 * s + 2 + q]);
+        b[4 * q + 2 * s] = I::lo32(a[h + 4 * s + q], a[h + 4 * s + 2 + q]);
+        b[4 * q + 2 * s + 1] = I::hi32(a[h + 4 * s + q], a[h + 4 * s + 2 + q]);
       }
     }
     // b[4q + 2s + e]: rows h + 4s .. h + 4s + 3 at columns 4q + 2e, 4q + 2e + 1
     for (int q = 0; q < 2; ++q) {
       for (int e = 0; e < 2; ++e) {
         const int c = 4 * q + 2 * e;
-        r[h + c] = _mm256_unpacklo_epi64(b[4 * q + e], b[4 * q + 2 + e]);
-        r[h + c + 1] = _mm256_unpackhi_epi64(b[4 * q + e], b[4 * q + 2 + e]);
+        r[h + c] = I::lo64(b[4 * q + e], b[4 * q + 2 + e]);
+        r[h + c + 1] = I::hi64(b[4 * q + e], b[4 * q + 2 + e]);
       }
     }
-    // r[h + c]: rows h .. h + 7 at column c (low half) and c + 8 (high half)
   }
+}
+
+// The transpose of 16 rows of 16 16-bit lanes (32-byte vectors) by unpacks, one-cycle
+// shuffles (the generic stages compile to two-source word permutes, vpermt2w, several
+// times slower): interleave_8x8_epi16 transposes each half of rows 0-7 and of rows 8-15,
+// then vperm2i128 exchanges the halves.
+template <typename V>
+inline void transpose_16x16_epi16(V* v) {
+  static_assert(sizeof(V) == 32 && sizeof(v[0][0]) == 2, "16 lanes of 16 bits");
+  __m256i r[16], a[16];
+  std::memcpy(r, v, sizeof(r));
+  interleave_8x8_epi16<Interleave256>(r);  // r[h + c]: rows h .. h + 7 at column c (low half), c + 8 (high half)
   for (int c = 0; c < 8; ++c) {
     a[c] = _mm256_permute2x128_si256(r[c], r[8 + c], 0x20);
     a[c + 8] = _mm256_permute2x128_si256(r[c], r[8 + c], 0x31);
@@ -282,31 +311,12 @@ inline void transpose_16x16_epi16(V* v) {
 #if defined(__AVX512BW__)
 // Two 16 x 16 transposes of 16-bit lanes at once, one in each 256-bit half of 16 64-byte
 // vectors (v[k]: row k of matrix A in the low half, of matrix B in the high half; after:
-// column k of each): the unpack stages above at the same cost for twice the elements, then
-// vpermt2q gathers each half's rows 0-7 and 8-15.
+// column k of each): the same interleaves as transpose_16x16_epi16 at the same cost for
+// twice the elements, then vpermt2q gathers each half's rows 0-7 and 8-15.
 __attribute__((always_inline)) inline void transpose_16x16_epi16_pairs(__m512i* v) {
   __m512i a[16];
-  for (int h = 0; h < 16; h += 8) {  // rows h .. h + 7, as in transpose_16x16_epi16
-    for (int i = 0; i < 8; i += 2) {
-      a[h + i] = _mm512_unpacklo_epi16(v[h + i], v[h + i + 1]);
-      a[h + i + 1] = _mm512_unpackhi_epi16(v[h + i], v[h + i + 1]);
-    }
-    __m512i b[8];
-    for (int q = 0; q < 2; ++q) {
-      for (int s = 0; s < 2; ++s) {
-        b[4 * q + 2 * s] = _mm512_unpacklo_epi32(a[h + 4 * s + q], a[h + 4 * s + 2 + q]);
-        b[4 * q + 2 * s + 1] = _mm512_unpackhi_epi32(a[h + 4 * s + q], a[h + 4 * s + 2 + q]);
-      }
-    }
-    for (int q = 0; q < 2; ++q) {
-      for (int e = 0; e < 2; ++e) {
-        const int c = 4 * q + 2 * e;
-        v[h + c] = _mm512_unpacklo_epi64(b[4 * q + e], b[4 * q + 2 + e]);
-        v[h + c + 1] = _mm512_unpackhi_epi64(b[4 * q + e], b[4 * q + 2 + e]);
-      }
-    }
-    // v[h + c], 128-bit lanes: rows h .. h + 7 of A at column c, of A at c + 8, of B at c, of B at c + 8
-  }
+  // v[h + c], 128-bit lanes: rows h .. h + 7 of A at column c, of A at c + 8, of B at c, of B at c + 8
+  detail::interleave_8x8_epi16<detail::Interleave512>(v);
   const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
   for (int c = 0; c < 8; ++c) {
     a[c] = _mm512_permutex2var_epi64(v[c], low, v[8 + c]);

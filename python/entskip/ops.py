@@ -264,15 +264,16 @@ def skip_add(
         ``x``'s shape with ``D_out`` features, ``x``'s dtype (the autocast dtype
         under ``torch.autocast``); a 4-D result keeps the memory format of ``x``.
     """
-    if type(feature_dim) is int and feature_dim == -1 and backends.native_cpu and (mapping is None or isinstance(mapping, Mapping)):
-        y = direct_calls.plain_cpu_skip_add(x, mapping, branch, alpha)  # checked in C++
-        if y is not None:
-            return y
-    if type(feature_dim) is int and feature_dim == -1 and _is_plain_elementwise(x, mapping, branch, alpha):
-        # The common call of an identity or permutation skip, checked in fewer steps: on a
-        # ViT-Ti block's 0.1 ms skip, the general path's Python costs a fifth of the op.
-        _check_finite_tensor(alpha, _compute_dtype(x))
-        return identity_skip_add(x, branch, alpha) if mapping is None else mapping.skip_add_2d(x, branch, alpha)
+    if type(feature_dim) is int and feature_dim == -1:
+        if backends.native_cpu and (mapping is None or isinstance(mapping, Mapping)):
+            y = direct_calls.plain_cpu_skip_add(x, mapping, branch, alpha)  # checked in C++
+            if y is not None:
+                return y
+        if _is_plain_elementwise(x, mapping, branch, alpha):
+            # The common call of an identity or permutation skip, checked in fewer steps: on a
+            # ViT-Ti block's 0.1 ms skip, the general path's Python costs a fifth of the op.
+            _check_finite_tensor(alpha, _compute_dtype(x))
+            return identity_skip_add(x, branch, alpha) if mapping is None else mapping.skip_add_2d(x, branch, alpha)
     _check_floating(x, "x")
     if branch is not None:
         _check_floating(branch, "branch")
