@@ -182,7 +182,8 @@ def test_cpu_permutation_tile_edges(dtype, rows, d, poisoned, cpu_backend):
 
 # With AVX-512, rows of up to 128 float64, 256 float32 or 512 16-bit elements are permuted
 # in registers, from pairs of 64-byte vectors: feature counts around one vector, one pair
-# and those limits (on either side of which the tiles take over).
+# and those limits (on either side of which the tiles take over); rows go two at a time, and
+# 19 rows leave a last one alone.
 @pytest.mark.parametrize("d", [31, 32, 33, 63, 64, 65, 127, 128, 129, 192, 255, 256, 257, 511, 512, 513])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_permutation_register_edges(dtype, d, poisoned, cpu_backend):
