@@ -109,15 +109,33 @@ std::optional<double> finite_alpha(const at::Tensor& alpha, at::ScalarType x_dty
   return a;
 }
 
+// Whether index and inverse are int64 CPU vectors of d elements, inverse permutations of
+// each other (so both are permutations of 0 .. d - 1; O(d)).
+bool permutation_pair(const at::Tensor& index, const at::Tensor& inverse, int64_t d) {
+  for (const at::Tensor* t : {&index, &inverse}) {
+    if (!t->device().is_cpu() || t->layout() != at::kStrided || t->scalar_type() != at::kLong || t->dim() != 1 ||
+        t->size(0) != d || !t->is_contiguous()) {
+      return false;
+    }
+  }
+  const int64_t* ip = index.const_data_ptr<int64_t>();
+  const int64_t* vp = inverse.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < d; ++i) {
+    if (ip[i] < 0 || ip[i] >= d || vp[ip[i]] != i) return false;
+  }
+  return true;
+}
+
 // skip_add's common eager call of an elementwise skip on CPU tensors, checked in one C++ step
 // instead of Python's (python/entskip/direct_calls.py: plain_cpu_skip_add): None unless
 // x, branch (or None) and alpha are plain tensors (no subclass, no torch function mode) on
 // the CPU, x strided with at least one dimension and `features` features in its last (any
 // count for -1), of a floating dtype, branch of x's shape and dtype, alpha a 0-d floating
-// tensor finite in the compute dtype, and no CPU autocast. It then runs the identity op
-// (index None) or the permutation op (index and inverse: the mapping's checked buffers)
-// through the dispatcher, as the calls above do. Anything else returns None, and skip_add's
-// general path checks it and raises the documented errors.
+// tensor finite in the compute dtype, and no CPU autocast; for the permutation, index and
+// inverse (the mapping's buffers) a valid pair (permutation_pair). It then runs the
+// identity op (index None) or the permutation op through the dispatcher, as the calls
+// above do. Anything else returns None, and skip_add's general path checks it and raises
+// the documented errors (a mapping's index edited in place: its ValueError).
 PyObject* plain_skip_add(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_count(n, 6, "plain_skip_add");
@@ -153,6 +171,7 @@ PyObject* plain_skip_add(PyObject*, PyObject* const* args, Py_ssize_t n) {
     static const auto op = permutation_op();
     const at::Tensor& index = THPVariable_Unpack(pindex);
     const at::Tensor& inverse = THPVariable_Unpack(pinverse);
+    if (!permutation_pair(index, inverse, x.size(-1))) Py_RETURN_NONE;
     pybind11::gil_scoped_release no_gil;
     y = op.call(x, index, inverse, alpha, branch, false);
   }

@@ -166,6 +166,13 @@ _DECLINED = {
     "branch subclass": lambda a: a.update(branch=a["branch"].as_subclass(_Sub)),
     "branch meta": lambda a: a.update(branch=a["branch"].to("meta")),
     "index subclass": lambda a: a.update(index=torch.arange(8).as_subclass(_Sub), inverse=torch.arange(8)),
+    "index not a permutation": lambda a: a.update(index=torch.tensor([1, 1, 2, 3, 4, 5, 6, 7]), inverse=torch.arange(8)),
+    "index out of range": lambda a: a.update(index=torch.tensor([8, 1, 2, 3, 4, 5, 6, 7]), inverse=torch.arange(8)),
+    "inverse not the inverse": lambda a: a.update(index=torch.arange(8).flip(0), inverse=torch.arange(8)),
+    "index int32": lambda a: a.update(index=torch.arange(8, dtype=torch.int32), inverse=torch.arange(8)),
+    "index short": lambda a: a.update(index=torch.arange(7), inverse=torch.arange(7)),
+    "index strided": lambda a: a.update(index=torch.arange(8).repeat_interleave(2)[::2], inverse=torch.arange(8)),
+    "index meta": lambda a: a.update(index=torch.arange(8, device="meta"), inverse=torch.arange(8)),
 }
 
 
@@ -175,6 +182,14 @@ def test_plain_cpu_call_declines_what_it_does_not_serve(case):
     assert isinstance(_C.plain_skip_add(*args.values()), torch.Tensor)
     _DECLINED[case](args)
     assert _C.plain_skip_add(*args.values()) is None
+
+
+def test_plain_cpu_call_runs_a_valid_permutation_pair():
+    args = _plain_case()
+    index = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    args.update(index=index, inverse=torch.argsort(index))
+    expected = args["alpha"] * args["x"][:, index] + args["branch"]
+    assert_close(_C.plain_skip_add(*args.values()), expected, torch.float32)
 
 
 def test_plain_cpu_call_declines_under_autocast_and_torch_function_modes():
@@ -204,11 +219,13 @@ def test_permutation_mapping_rechecks_a_replaced_or_edited_index():
     mapping.index = mapping.index.clone()  # a new tensor object, still a permutation: passes again
     entskip.skip_add(x, mapping)
     mapping.index[0] = mapping.index[1]  # edited in place: its version moved on
-    with entskip.use_backend("reference"), pytest.raises(ValueError, match="edited in place"):
-        entskip.skip_add(x, mapping)
+    for backend in ("reference", "cpu"):  # the native one declines the plain path for it
+        with entskip.use_backend(backend), pytest.raises(ValueError, match="edited in place"):
+            entskip.skip_add(x, mapping)
     mapping.index = torch.tensor([1, 1, 2, 3, 4, 5, 6, 7])  # a fresh invalid tensor
-    with entskip.use_backend("reference"), pytest.raises(ValueError, match="edited in place"):
-        entskip.skip_add(x, mapping)
+    for backend in ("reference", "cpu"):
+        with entskip.use_backend(backend), pytest.raises(ValueError, match="edited in place"):
+            entskip.skip_add(x, mapping)
 
 
 def test_permutation_mapping_pickled_without_a_check_record_checks_its_index():

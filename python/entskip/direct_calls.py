@@ -60,7 +60,7 @@ def plain_cpu_skip_add(x, mapping, branch, alpha) -> Tensor | None:
         return None
     if mapping is None:
         return _C.plain_skip_add(x, None, None, branch, alpha, -1)
-    operands = mapping.elementwise_operands(x)
+    operands = mapping.elementwise_operands()
     if operands is None:
         return None
     return _C.plain_skip_add(x, *operands, branch, alpha, mapping.in_features)

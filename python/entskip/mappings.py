@@ -140,10 +140,11 @@ class Mapping(nn.Module):
         (``branch`` and the result then ``(N, out_features, S)``)."""
         raise NotImplementedError
 
-    def elementwise_operands(self, x: Tensor) -> tuple[Tensor | None, Tensor | None] | None:
+    def elementwise_operands(self) -> tuple[Tensor | None, Tensor | None] | None:
         """For a mapping that runs an elementwise op on features-last ``x`` of any rank:
-        ``(index, inverse)`` of the permutation op (``(None, None)``: the identity op), with
-        ``index`` checked for ``x``; ``None`` for any other mapping."""
+        ``(index, inverse)`` of the permutation op as stored, unchecked (``(None, None)``: the
+        identity op), for a caller that checks them itself (``entskip._C.plain_skip_add``);
+        ``None`` for any other mapping."""
         return None
 
     def skip_add_features_first(self, x: Tensor, branch: Tensor | None, alpha: Tensor) -> Tensor:
@@ -207,7 +208,7 @@ class IdentityMapping(Mapping):
     def skip_add_2d(self, x, branch, alpha):
         return identity_skip_add(x, branch, alpha)
 
-    def elementwise_operands(self, x):
+    def elementwise_operands(self):
         return None, None
 
     @property
@@ -271,9 +272,9 @@ class PermutationMapping(Mapping):
         return permutation_skip_add(x, self._checked_index(x, self.index), self.inverse, branch, alpha,
                                     features_first=True)
 
-    def elementwise_operands(self, x):
+    def elementwise_operands(self):
         buffers = self._buffers
-        return self._checked_index(x, buffers["index"]), buffers["inverse"]
+        return buffers["index"], buffers["inverse"]
 
     def _checked_index(self, x: Tensor, index: Tensor) -> Tensor:
         """``index``, on ``x``'s device and (once per version) still a permutation.
