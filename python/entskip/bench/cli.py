@@ -12,6 +12,7 @@ import torch
 import entskip
 from entskip.backends import BACKENDS
 
+from . import heap
 from .cases import ALPHA, BLOCKS, DENSITIES, DTYPES, QUICK, SIZES, Workloads, density_label, grid, parse_density
 from .peers import METHOD_IDS, compile_limits, on_backends, select
 from .plot import plot
@@ -112,6 +113,7 @@ def _backend_in_use(device: torch.device) -> str:
 def main(argv=None) -> Path:
     """Run the benchmark; returns the path of the JSON it wrote."""
     args = parse_args(argv)
+    heap.keep_freed_memory()  # before the first tensor (see .heap)
     if args.conv:
         return _main_conv(args)
     if args.skips or args.timm_step or args.resnet_step:

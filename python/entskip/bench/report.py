@@ -21,6 +21,7 @@ import torch
 
 import entskip
 
+from . import heap
 from .cases import density_label
 from .roofline import Machine
 
@@ -79,7 +80,8 @@ def _version(dist: str) -> str | None:
 
 def environment(device: torch.device) -> dict:
     """Machine (with its load average: other work skews CPU timings), threading
-    environment variables, library versions, source commit and date of this run."""
+    environment variables, the heap's settings (:mod:`.heap`), library versions, source
+    commit and date of this run."""
     machine = {
         "platform": platform.platform(),
         "cpu": _cpu_name(),
@@ -99,6 +101,7 @@ def environment(device: torch.device) -> dict:
         "commit": commit(),
         "machine": machine,
         "environment_variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)},
+        "malloc": heap.SETTINGS,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

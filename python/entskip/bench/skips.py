@@ -82,14 +82,15 @@ def runner(compute, inputs, grad: torch.Tensor | None) -> Runner:
     return Runner(lambda: compute(*leaves), leaves, grad)
 
 
-def interleaved_ms(runners: dict[str, Runner], repeats: int, warmup: int = 5, warmup_s: float = 0.2,
+def interleaved_ms(runners: dict[str, Runner], repeats: int, warmup: int = 5, warmup_s: float = 1.0,
                    seed: int = 0) -> dict[str, list[float]]:
     """Per-call times in ms, one call of each runner per round (CPU wall clock), each round
     in a fresh random order (seeded, so a run is repeatable). What a call finds (the caches
     its predecessor left, a fresh allocation's page faults, threads still spinning or gone
     to sleep) depends on the call before it; a fixed or rotated order would give every
     runner the same predecessor in every round. Untimed rounds come first, at least
-    ``warmup`` of them and ``warmup_s`` seconds (a 0.1 ms call needs many to warm up)."""
+    ``warmup`` of them and ``warmup_s`` seconds (a 0.1 ms call needs many to warm up; with 0.2 s,
+    the first case of a run on an idle 2-vCPU VM once timed torch.add at 5x x + r)."""
     names = list(runners)
     order = random.Random(seed)
 
