@@ -64,7 +64,7 @@ class RegisterPermute {
  private:
   using Lane = std::conditional_t<kBytes == 2, uint16_t, std::conditional_t<kBytes == 4, uint32_t, uint64_t>>;
 #if defined(__AVX512VBMI__)
-  static constexpr bool kByteLanes = kBytes == 2;  // 16-bit lanes permuted as byte pairs (vpermt2b)
+  static constexpr bool kByteLanes = kBytes == 2;  // 16-bit lanes permuted as byte pairs (vpermi2b/vpermt2b)
 #else
   static constexpr bool kByteLanes = false;
 #endif
@@ -85,9 +85,6 @@ class RegisterPermute {
     else if constexpr (kBytes == 4) _mm512_mask_storeu_epi32(p, static_cast<__mmask16>(m), v);
     else _mm512_mask_storeu_epi64(p, static_cast<__mmask8>(m), v);
   }
-  // Lanes of `acc` in mask *m: element (acc's lane value mod 2L) of the pair (a, b); the
-  // other lanes of acc as they are (vpermi2b/w/d/q with a merge mask, the index register
-  // as the destination).
   static Mask load_mask(const Mask* m) {
     if constexpr (sizeof(Mask) == 8) return _load_mask64(const_cast<Mask*>(m));
     else if constexpr (sizeof(Mask) == 4) return _load_mask32(const_cast<Mask*>(m));
@@ -113,6 +110,9 @@ class RegisterPermute {
     else if constexpr (kBytes == 4) return _mm512_mask_mov_epi32(a, m, b);
     else return _mm512_mask_mov_epi64(a, m, b);
   }
+  // Lanes of `acc` in m: element (acc's lane value mod 2L) of the pair (a, b); the other
+  // lanes of acc as they are (vpermi2b/w/d/q with a merge mask, the index register as the
+  // destination).
   static __m512i permute_into(__m512i acc, Mask m, __m512i a, __m512i b) {
     if constexpr (kBytes == 2) {
 #if defined(__AVX512VBMI__)
@@ -127,7 +127,8 @@ class RegisterPermute {
     }
   }
 
-  // R rows (stride apart) into q (rows d apart), P pairs of source vectors a row.
+  // R rows (stride apart) into q (rows d apart); two rows only of up to kMaxPairsTogether
+  // pairs (operator()).
   template <int R>
   void dispatch(const T* p, int64_t stride, T* q) const {
     switch (pairs_) {
