@@ -61,6 +61,15 @@ inline void check_index(const at::Tensor& t, const char* name, int64_t numel, co
   TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
 }
 
+// The first i < d at which index and inverse (d int64 entries each) fail to be inverse
+// permutations of 0 .. d - 1 (index[i] out of range, or inverse[index[i]] != i); d if none.
+inline int64_t first_unpaired(const int64_t* index, const int64_t* inverse, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) {
+    if (index[i] < 0 || index[i] >= d || inverse[index[i]] != i) return i;
+  }
+  return d;
+}
+
 // Shapes of a BSR operand: values (nnzb, b, b); x has D_in = ncols * b features (dim 1);
 // crow (nrows + 1), col (nnzb); ccol (ncols + 1), row (nnzb), perm (nnzb).
 struct BsrShape {

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <optional>
 
+#include "checks.h"
 #include "cpu/amx_support.h"
 
 namespace {
@@ -118,12 +119,7 @@ bool permutation_pair(const at::Tensor& index, const at::Tensor& inverse, int64_
       return false;
     }
   }
-  const int64_t* ip = index.const_data_ptr<int64_t>();
-  const int64_t* vp = inverse.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < d; ++i) {
-    if (ip[i] < 0 || ip[i] >= d || vp[ip[i]] != i) return false;
-  }
-  return true;
+  return entskip::first_unpaired(index.const_data_ptr<int64_t>(), inverse.const_data_ptr<int64_t>(), d) == d;
 }
 
 // skip_add's common eager call of an elementwise skip on CPU tensors, checked in one C++ step

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
-import platform
 import math
+import platform
 
 import pytest
 import torch

@@ -39,10 +39,10 @@ std::vector<int32_t> checked_permutation(const at::Tensor& index, const at::Tens
   TORCH_CHECK(d <= std::numeric_limits<int32_t>::max(), "the permutation skip takes at most 2^31 - 1 features");
   const int64_t* ip = index.const_data_ptr<int64_t>();
   const int64_t* vp = inverse.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < d; ++i) {
+  if (const int64_t i = first_unpaired(ip, vp, d); i < d) {
     const int64_t j = ip[i];
     TORCH_CHECK(j >= 0 && j < d, "index[", i, "] = ", j, " is out of range for ", d, " features");
-    TORCH_CHECK(vp[j] == i, "inverse is not the inverse permutation of index: inverse[index[", i, "]] = ", vp[j]);
+    TORCH_CHECK(false, "inverse is not the inverse permutation of index: inverse[index[", i, "]] = ", vp[j]);
   }
   const int64_t* src = which.const_data_ptr<int64_t>();
   return std::vector<int32_t>(src, src + d);
@@ -267,13 +267,14 @@ at::Tensor features_first_forward(const at::Tensor& x_in, const std::vector<int3
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const bool short_rows = s * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchedRowBytes;
+    const auto source = [&](int64_t q) { return xp + q / d * x.stride(0) + idx[q % d] * x.stride(1); };
     at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
       const int64_t last = std::min(end * per, rows);
-      const bool short_rows = s * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchedRowBytes;
       for (int64_t q = begin * per; q < last; ++q) {
         const int64_t n = q / d, i = q % d;
-        const scalar_t* xq = xp + n * x.stride(0) + idx[i] * x.stride(1);
-        if (short_rows && q + 1 < last) prefetch_row(xp + (q + 1) / d * x.stride(0) + idx[(q + 1) % d] * x.stride(1), s);
+        const scalar_t* xq = source(q);
+        if (short_rows && q + 1 < last) prefetch_row(source(q + 1), s);
         if (bp != nullptr) {
           forward_segment<true>(xq, bp + n * b.stride(0) + i * b.stride(1), yp + q * s, s, static_cast<A>(a));
         } else {
@@ -358,6 +359,7 @@ void features_first_backward(const at::Tensor& g, const at::Tensor& x, const int
   const T* gp = g.const_data_ptr<T>();
   const T* xp = x.const_data_ptr<T>();
   const bool short_rows = s * static_cast<int64_t>(sizeof(T)) <= kPrefetchedRowBytes;
+  const auto source = [&](int64_t q) { return gp + q / d * g.stride(0) + inv[q % d] * g.stride(1); };
   at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       simd::Vec<A> acc[2] = {};
@@ -365,8 +367,8 @@ void features_first_backward(const at::Tensor& g, const at::Tensor& x, const int
       const int64_t last = std::min((c + 1) * per, rows);
       for (int64_t q = c * per; q < last; ++q) {
         const int64_t n = q / d, j = q % d;
-        if (short_rows && q + 1 < last) prefetch_row(gp + (q + 1) / d * g.stride(0) + inv[(q + 1) % d] * g.stride(1), s);
-        backward_segment<DX, DA>(gp + n * g.stride(0) + inv[j] * g.stride(1), xp + n * x.stride(0) + j * x.stride(1),
+        if (short_rows && q + 1 < last) prefetch_row(source(q + 1), s);
+        backward_segment<DX, DA>(source(q), xp + n * x.stride(0) + j * x.stride(1),
                                  DX ? dxp + q * s : nullptr, s, static_cast<A>(a), acc, tail);
       }
       if constexpr (DA) partials[c] = lane_sum<A>(acc[0] + acc[1]) + static_cast<double>(tail);
