@@ -344,12 +344,53 @@ def test_empty_inputs(kind, cpu_backend):
         assert y.shape == shape and dx.shape == shape and float(da) == 0.0
 
 
-@pytest.mark.parametrize("shape", [(15, 197, 200), (9, 16400)], ids=lambda s: "x".join(map(str, s)))
+# Outputs (y, dx) of 4 MiB or more are written by non-temporal stores in whole 64-byte
+# lines, element by element up to the first aligned one: sizes just over the threshold for
+# each dtype, with odd row widths that leave rows unaligned, rows read with a stride (the
+# identity's segments then start anywhere) and features-first maps (N, D, S) of odd S.
+def _streamed_shape(dtype, layout):
+    elements = (4 << 20) // dtype.itemsize + 4099
+    if layout == "features first":
+        return (1, 13, elements // 13 | 1)
+    d = {8: 1007, 4: 1021, 2: 1023}[dtype.itemsize]
+    return (elements // d + 1, d)
+
+
+@pytest.mark.parametrize("kind,layout", [("identity", "contiguous"), ("identity", "strided rows"),
+                                         ("permutation", "contiguous"), ("permutation", "strided rows"),
+                                         ("permutation", "features first")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_streamed_outputs_match_reference(kind, layout, dtype, poisoned, cpu_backend):
+    shape = _streamed_shape(dtype, layout)
+    x, branch, grad, alpha = _inputs((*shape[:-1], shape[-1] + 3), dtype, seed=shape[-1])
+    if layout == "strided rows":
+        x, branch, grad = x[..., 3:], branch[..., :-3], grad[..., 1:-2]
+    else:
+        x, branch, grad = (t[..., :-3].contiguous() for t in (x, branch, grad))
+    assert x.numel() * dtype.itemsize >= 4 << 20
+    ff = layout == "features first"
+    mapping = _mapping(kind, x.shape[1] if ff else x.shape[-1])
+    if kind == "identity":
+        y = OPS.identity_skip_add(x, alpha, branch)
+        dx, dalpha = OPS.identity_skip_add_backward(grad, x, alpha, [True, True])
+    else:
+        y = OPS.permutation_skip_add(x, mapping.index, mapping.inverse, alpha, branch, ff)
+        dx, dalpha = OPS.permutation_skip_add_backward(grad, x, mapping.index, mapping.inverse, alpha, [True, True], ff)
+    xr, ar = x.double().requires_grad_(), alpha.double().requires_grad_()
+    y_ref = ar * xr[:, mapping.index] + branch.double() if ff else _reference(kind, mapping, xr, branch.double(), ar)
+    dx_ref, dalpha_ref = torch.autograd.grad(y_ref, (xr, ar), grad.double())
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, dx_ref, dtype, "dx")
+    assert_close(dalpha, dalpha_ref, dtype, "dalpha", scale=(grad.double() * x.double()).abs().sum().item())
+
+
+@pytest.mark.parametrize("shape", [(15, 197, 200), (9, 16400), (1030, 1021)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_deterministic_across_thread_counts(kind, dtype, shape, cpu_backend):
     """dalpha is summed over fixed chunks in a fixed order: bitwise equal for 1, 2 and 3
-    threads (shapes with partial tiles and feature tails; rows wider than the tiles)."""
+    threads (shapes with partial tiles and feature tails; rows wider than the tiles; a dx
+    written by non-temporal stores from unaligned rows)."""
     mapping = _mapping(kind, shape[-1])
     x, _, grad, alpha = _inputs(shape, dtype, seed=4)
     previous = torch.get_num_threads()

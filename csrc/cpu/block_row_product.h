@@ -35,9 +35,6 @@ namespace entskip::cpu {
 // Bytes of packed input rows a work item aims to keep in L2.
 constexpr int64_t kTileBytes = 256 * 1024;
 
-// Outputs from this size on are written by non-temporal stores (block_row_product_fixed).
-constexpr int64_t kStreamBytes = 2 * kHugePageBytes;
-
 // Block sizes with register-blocked micro-kernels (multiples of the SIMD width).
 template <typename acc_t, int B>
 struct Blocking {

@@ -43,6 +43,11 @@ inline void check_cpu(const at::Tensor& t, const char* name) {
 // Both are best effort: no-ops where unsupported or for small ranges.
 constexpr int64_t kHugePageBytes = int64_t{2} << 20;
 
+// float32/float64 outputs from this size on are written by non-temporal stores
+// (simd::stream): fresh memory, not in any cache and larger than a core's L2, streamed in
+// whole lines rather than read for ownership line by line and then written.
+constexpr int64_t kStreamBytes = 2 * kHugePageBytes;
+
 // madvise(advice) over the pages that hold [p, p + bytes), for ranges of at least min_bytes.
 inline void advise_pages(void* p, int64_t bytes, int64_t min_bytes, int advice) {
 #if defined(__linux__)

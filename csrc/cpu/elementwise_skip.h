@@ -8,6 +8,7 @@
 #include <ATen/Dispatch_v2.h>
 
 #include <array>
+#include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -120,51 +121,120 @@ inline simd::Vec<A> load(const T* p) {
   return simd::load<A>(p);
 }
 
-// y[i] = a * x[i] + b[i] (HAS_BRANCH) or a * x[i], i < len.
-template <bool HAS_BRANCH, typename T, typename A = acc_type<T>>
+// Whether an output of numel elements of T is streamed to memory (at least kStreamBytes,
+// on targets with non-temporal stores): the segment kernels then write its whole 64-byte
+// lines by non-temporal stores, and each thread fences (simd::stream_fence) before its
+// work item ends. A/Bs on AMD Zen 4 (two threads, development runs): identity forward
+// float32 64 x 197 x 768 1.17x -> 0.87x torch.add's time, bfloat16 0.99x -> 0.85x;
+// permutation forward float32 8192 x 1024 1.46x -> 1.19x x + r's, bfloat16 1.65x -> 1.55x.
+template <typename T>
+inline bool streams(int64_t numel) {
+  return simd::kStreams && numel * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+}
+
+// fn(std::bool_constant<stream>{}): the kernel for either kind of store.
+template <typename Fn>
+inline void with_streaming(bool stream, Fn&& fn) {
+  if (stream) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+// y[0 .. 2W) = v0, v1 (two accumulation vectors of W lanes): with STREAM (y then 64-byte
+// aligned), float32/float64 as two non-temporal stores and 16-bit types narrowed into one
+// whole line and streamed; else two stores.
+template <bool STREAM, typename A, typename T>
+inline void put_pair(T* y, const simd::Vec<A>& v0, const simd::Vec<A>& v1) {
+  constexpr int W = simd::Simd<A>::W;
+  if constexpr (STREAM && std::is_same_v<A, T>) {
+    simd::stream<A>(y, v0);
+    simd::stream<A>(y + W, v1);
+#if defined(__AVX512F__)
+  } else if constexpr (STREAM && sizeof(T) == 2 && std::is_same_v<A, float>) {
+    simd::U16x16 lo, hi;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      lo = simd::to_bfloat16_bits(v0), hi = simd::to_bfloat16_bits(v1);
+    } else {
+      lo = simd::to_half_bits(v0), hi = simd::to_half_bits(v1);
+    }
+    __m256i l, h;
+    std::memcpy(&l, &lo, sizeof(l));
+    std::memcpy(&h, &hi, sizeof(h));
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(y), _mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1));
+#endif
+  } else {
+    store<A>(y, v0);
+    store<A>(y + W, v1);
+  }
+}
+
+// y[0 .. W) = v: a non-temporal store where STREAM and the vector is a whole line (y then
+// 64-byte aligned), else a store.
+template <bool STREAM, typename A, typename T>
+inline void put(T* y, const simd::Vec<A>& v) {
+  if constexpr (STREAM && std::is_same_v<A, T>) {
+    simd::stream<A>(y, v);
+  } else {
+    store<A>(y, v);
+  }
+}
+
+// y[i] = a * x[i] + b[i] (HAS_BRANCH) or a * x[i], i < len; STREAM: y's whole 64-byte
+// lines by non-temporal stores (streams<T>).
+template <bool HAS_BRANCH, bool STREAM = false, typename T, typename A = acc_type<T>>
 inline void forward_segment(const T* x, const T* b, T* y, int64_t len, A a) {
   constexpr int W = simd::Simd<A>::W;
   const simd::Vec<A> av = simd::broadcast(a);
   int64_t i = 0;
+  const auto one = [&](int64_t k) {
+    A v = a * static_cast<A>(x[k]);
+    if constexpr (HAS_BRANCH) v += static_cast<A>(b[k]);
+    y[k] = static_cast<T>(v);
+  };
+  if constexpr (STREAM) {
+    for (; i < len && reinterpret_cast<uintptr_t>(y + i) % 64 != 0; ++i) one(i);
+  }
   for (; i + 2 * W <= len; i += 2 * W) {
     simd::Vec<A> v0 = av * load<A>(x + i), v1 = av * load<A>(x + i + W);
     if constexpr (HAS_BRANCH) v0 += load<A>(b + i), v1 += load<A>(b + i + W);
-    store<A>(y + i, v0);
-    store<A>(y + i + W, v1);
+    put_pair<STREAM, A>(y + i, v0, v1);
   }
   for (; i + W <= len; i += W) {
     simd::Vec<A> v = av * load<A>(x + i);
     if constexpr (HAS_BRANCH) v += load<A>(b + i);
-    store<A>(y + i, v);
+    put<STREAM, A>(y + i, v);
   }
-  for (; i < len; ++i) {
-    A v = a * static_cast<A>(x[i]);
-    if constexpr (HAS_BRANCH) v += static_cast<A>(b[i]);
-    y[i] = static_cast<T>(v);
-  }
+  for (; i < len; ++i) one(i);
 }
 
-// dx[i] = a * g[i] (DX) and acc += g[i] * x[i] (DA), i < len.
-template <bool DX, bool DA, typename T, typename A = acc_type<T>>
+// dx[i] = a * g[i] (DX) and acc += g[i] * x[i] (DA), i < len; STREAM: dx's whole 64-byte
+// lines by non-temporal stores (streams<T>).
+template <bool DX, bool DA, bool STREAM = false, typename T, typename A = acc_type<T>>
 inline void backward_segment(const T* g, const T* x, T* dx, int64_t len, A a, simd::Vec<A> (&acc)[2], A& tail) {
   constexpr int W = simd::Simd<A>::W;
   const simd::Vec<A> av = simd::broadcast(a);
   int64_t i = 0;
+  const auto one = [&](int64_t k) {
+    const A gk = static_cast<A>(g[k]);
+    if constexpr (DX) dx[k] = static_cast<T>(a * gk);
+    if constexpr (DA) tail += gk * static_cast<A>(x[k]);
+  };
+  if constexpr (STREAM && DX) {
+    for (; i < len && reinterpret_cast<uintptr_t>(dx + i) % 64 != 0; ++i) one(i);
+  }
   for (; i + 2 * W <= len; i += 2 * W) {
     const simd::Vec<A> g0 = load<A>(g + i), g1 = load<A>(g + i + W);
-    if constexpr (DX) store<A>(dx + i, av * g0), store<A>(dx + i + W, av * g1);
+    if constexpr (DX) put_pair<STREAM, A>(dx + i, av * g0, av * g1);
     if constexpr (DA) acc[0] += g0 * load<A>(x + i), acc[1] += g1 * load<A>(x + i + W);
   }
   for (; i + W <= len; i += W) {
     const simd::Vec<A> g0 = load<A>(g + i);
-    if constexpr (DX) store<A>(dx + i, av * g0);
+    if constexpr (DX) put<STREAM, A>(dx + i, av * g0);
     if constexpr (DA) acc[0] += g0 * load<A>(x + i);
   }
-  for (; i < len; ++i) {
-    const A gi = static_cast<A>(g[i]);
-    if constexpr (DX) dx[i] = static_cast<T>(a * gi);
-    if constexpr (DA) tail += gi * static_cast<A>(x[i]);
-  }
+  for (; i < len; ++i) one(i);
 }
 
 // The lanes of an accumulator vector summed in a fixed order.
