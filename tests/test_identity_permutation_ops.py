@@ -344,10 +344,11 @@ def test_empty_inputs(kind, cpu_backend):
         assert y.shape == shape and dx.shape == shape and float(da) == 0.0
 
 
-# Outputs (y, dx) of 4 MiB or more are written by non-temporal stores in whole 64-byte
-# lines, element by element up to the first aligned one: sizes just over the threshold for
-# each dtype, with odd row widths that leave rows unaligned, rows read with a stride (the
-# identity's segments then start anywhere) and features-first maps (N, D, S) of odd S.
+# Outputs (y, dx) of 4 MiB or more in rows of at least 512 bytes are written by
+# non-temporal stores in whole 64-byte lines, element by element up to the first aligned
+# one: sizes just over the threshold for each dtype, with odd row widths that leave rows
+# unaligned, rows read with a stride (the identity's segments then start anywhere) and
+# features-first maps (N, D, S) of odd S.
 def _streamed_shape(dtype, layout):
     elements = (4 << 20) // dtype.itemsize + 4099
     if layout == "features first":

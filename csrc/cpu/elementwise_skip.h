@@ -121,15 +121,24 @@ inline simd::Vec<A> load(const T* p) {
   return simd::load<A>(p);
 }
 
-// Whether an output of numel elements of T is streamed to memory (at least kStreamBytes,
-// on targets with non-temporal stores): the segment kernels then write its whole 64-byte
-// lines by non-temporal stores, and each thread fences (simd::stream_fence) before its
-// work item ends. A/Bs on AMD Zen 4 (two threads, development runs): identity forward
-// float32 64 x 197 x 768 1.17x -> 0.87x torch.add's time, bfloat16 0.99x -> 0.85x;
-// permutation forward float32 8192 x 1024 1.46x -> 1.19x x + r's, bfloat16 1.65x -> 1.55x.
+// Whether an output of numel elements of T, written in contiguous rows (segments) of
+// row_len elements, is streamed to memory: at least kStreamBytes, on targets with
+// non-temporal stores, in rows that are whole lines or at least kMinStreamedRowBytes long.
+// The segment kernels then write each row's whole 64-byte lines by non-temporal stores
+// (its first elements up to a line boundary, and its last ones, by plain stores), and each
+// thread fences (simd::stream_fence) before its work item ends. A/Bs on AMD Zen 4 (two
+// threads, development runs): identity forward float32 64 x 197 x 768 1.17x -> 0.87x
+// torch.add's time, bfloat16 0.99x -> 0.85x; permutation forward float32 8192 x 1024
+// 1.46x -> 1.19x x + r's, bfloat16 1.65x -> 1.55x; features-first permutation forward
+// float32 32 x 512 x 196 (784-byte rows) 0.78-0.87x the time with plain stores, but
+// bfloat16 32 x 512 x 196 (392-byte rows, two partial lines in seven) 1.12-1.31x.
+constexpr int64_t kMinStreamedRowBytes = 512;
+
 template <typename T>
-inline bool streams(int64_t numel) {
-  return simd::kStreams && numel * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+inline bool streams(int64_t numel, int64_t row_len) {
+  const int64_t row_bytes = row_len * static_cast<int64_t>(sizeof(T));
+  return simd::kStreams && numel * static_cast<int64_t>(sizeof(T)) >= kStreamBytes &&
+         (row_bytes % 64 == 0 || row_bytes >= kMinStreamedRowBytes);
 }
 
 // fn(std::bool_constant<stream>{}): the kernel for either kind of store.

@@ -46,7 +46,7 @@ at::Tensor identity_skip_add(const at::Tensor& x, const at::Tensor& alpha, const
     const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
     const scalar_t* bp = branch.has_value() ? br.t.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    with_streaming(streams<scalar_t>(total), [&](auto stream) {
+    with_streaming(streams<scalar_t>(total, cols), [&](auto stream) {
       at::parallel_for(0, chunks(total), 1, [&](int64_t begin, int64_t end) {
         for_segments(begin * kChunk, std::min(end * kChunk, total), cols, [&](int64_t row, int64_t col, int64_t len) {
           const scalar_t* xi = xp + row * xs + col;
@@ -72,7 +72,7 @@ void backward_kernel(const Rows& gr, const Rows& xr, T* dxp, double a, int64_t t
   const int64_t gs = flat ? 0 : gr.stride, xs = flat ? 0 : xr.stride;
   const T* gp = gr.t.const_data_ptr<T>();
   const T* xp = xr.t.const_data_ptr<T>();
-  with_streaming(DX && streams<T>(total), [&](auto stream) {
+  with_streaming(DX && streams<T>(total, cols), [&](auto stream) {
     at::parallel_for(0, chunks(total), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         simd::Vec<A> acc[2] = {};

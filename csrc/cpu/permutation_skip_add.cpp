@@ -269,7 +269,7 @@ at::Tensor features_first_forward(const at::Tensor& x_in, const std::vector<int3
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const bool short_rows = s * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchedRowBytes;
     const auto source = [&](int64_t q) { return xp + q / d * x.stride(0) + idx[q % d] * x.stride(1); };
-    with_streaming(streams<scalar_t>(y.numel()), [&](auto stream) {
+    with_streaming(streams<scalar_t>(y.numel(), s), [&](auto stream) {
       at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
         const int64_t last = std::min(end * per, rows);
         for (int64_t q = begin * per; q < last; ++q) {
@@ -311,7 +311,7 @@ at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, co
     const scalar_t* bp = branch.has_value() ? br.t.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pp = permuted.defined() ? permuted.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    with_streaming(streams<scalar_t>(y.numel()), [&](auto stream) {
+    with_streaming(streams<scalar_t>(y.numel(), d), [&](auto stream) {
       at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
         PermutedRows<scalar_t>(xp, xr.stride, idx.data(), d, pp).for_tiles(begin * per, std::min(end * per, rows),
                                                                           [&](int64_t r, int64_t n, const scalar_t* q) {
@@ -339,7 +339,7 @@ void backward_kernel(const Rows& gr, const Rows& xr, const int32_t* inv, const a
   const T* gp = gr.t.const_data_ptr<T>();
   const T* xp = xr.t.const_data_ptr<T>();
   const T* pp = permuted.defined() ? permuted.const_data_ptr<T>() : nullptr;
-  with_streaming(DX && streams<T>(gr.rows * d), [&](auto stream) {
+  with_streaming(DX && streams<T>(gr.rows * d, d), [&](auto stream) {
     at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
       PermutedRows<T> permuted_rows(gp, gr.stride, inv, d, pp);
       for (int64_t c = begin; c < end; ++c) {  // chunk c: one term of dalpha
@@ -369,7 +369,7 @@ void features_first_backward(const at::Tensor& g, const at::Tensor& x, const int
   const T* xp = x.const_data_ptr<T>();
   const bool short_rows = s * static_cast<int64_t>(sizeof(T)) <= kPrefetchedRowBytes;
   const auto source = [&](int64_t q) { return gp + q / d * g.stride(0) + inv[q % d] * g.stride(1); };
-  with_streaming(DX && streams<T>(rows * s), [&](auto stream) {
+  with_streaming(DX && streams<T>(rows * s, s), [&](auto stream) {
     at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         simd::Vec<A> acc[2] = {};
