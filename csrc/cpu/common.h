@@ -43,9 +43,10 @@ inline void check_cpu(const at::Tensor& t, const char* name) {
 // Both are best effort: no-ops where unsupported or for small ranges.
 constexpr int64_t kHugePageBytes = int64_t{2} << 20;
 
-// float32/float64 outputs from this size on are written by non-temporal stores
-// (simd::stream): fresh memory, not in any cache and larger than a core's L2, streamed in
-// whole lines rather than read for ownership line by line and then written.
+// Outputs from this size on are written by non-temporal stores where their kernels stream
+// (the block kernels' float32/float64 outputs, block_row_product.h; the elementwise skips'
+// y and dx, elementwise_skip.h): fresh memory, not in any cache and larger than a core's
+// L2, streamed in whole lines rather than read for ownership line by line and then written.
 constexpr int64_t kStreamBytes = 2 * kHugePageBytes;
 
 // madvise(advice) over the pages that hold [p, p + bytes), for ranges of at least min_bytes.
