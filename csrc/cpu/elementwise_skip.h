@@ -125,8 +125,8 @@ inline simd::Vec<A> load(const T* p) {
 // row_len elements, is streamed to memory: at least kStreamBytes, on targets with
 // non-temporal stores, in rows that are whole lines or at least kMinStreamedRowBytes long.
 // The segment kernels then write each row's whole 64-byte lines by non-temporal stores
-// (its first elements up to a line boundary, and its last ones, by plain stores), and each
-// thread fences (simd::stream_fence) before its work item ends. A/Bs on AMD Zen 4 (two
+// (its first elements up to a line boundary, and its last ones, by plain stores), run by
+// parallel_for_stores. A/Bs on AMD Zen 4 (two
 // threads, development runs): identity forward float32 64 x 197 x 768 1.17x -> 0.87x
 // torch.add's time, bfloat16 0.99x -> 0.85x; permutation forward float32 8192 x 1024
 // 1.46x -> 1.19x x + r's, bfloat16 1.65x -> 1.55x; features-first permutation forward
@@ -141,13 +141,21 @@ inline bool streams(int64_t numel, int64_t row_len) {
          (row_bytes % 64 == 0 || row_bytes >= kMinStreamedRowBytes);
 }
 
-// fn(std::bool_constant<stream>{}): the kernel for either kind of store.
+// at::parallel_for over work items [0, n) of fn(begin, end, std::bool_constant<stream>{}):
+// the kernel for either kind of store, each thread fencing its streamed stores
+// (simd::stream_fence) before its work items end.
 template <typename Fn>
-inline void with_streaming(bool stream, Fn&& fn) {
+inline void parallel_for_stores(bool stream, int64_t n, Fn&& fn) {
+  const auto run = [&](auto streamed) {
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      fn(begin, end, streamed);
+      if constexpr (decltype(streamed)::value) simd::stream_fence();
+    });
+  };
   if (stream) {
-    fn(std::true_type{});
+    run(std::true_type{});
   } else {
-    fn(std::false_type{});
+    run(std::false_type{});
   }
 }
 

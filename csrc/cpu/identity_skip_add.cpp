@@ -46,18 +46,15 @@ at::Tensor identity_skip_add(const at::Tensor& x, const at::Tensor& alpha, const
     const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
     const scalar_t* bp = branch.has_value() ? br.t.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    with_streaming(streams<scalar_t>(total, cols), [&](auto stream) {
-      at::parallel_for(0, chunks(total), 1, [&](int64_t begin, int64_t end) {
-        for_segments(begin * kChunk, std::min(end * kChunk, total), cols, [&](int64_t row, int64_t col, int64_t len) {
-          const scalar_t* xi = xp + row * xs + col;
-          scalar_t* yi = yp + row * cols + col;
-          if (bp != nullptr) {
-            forward_segment<true, stream>(xi, bp + row * bs + col, yi, len, static_cast<A>(a));
-          } else {
-            forward_segment<false, stream>(xi, static_cast<const scalar_t*>(nullptr), yi, len, static_cast<A>(a));
-          }
-        });
-        if constexpr (stream) simd::stream_fence();
+    parallel_for_stores(streams<scalar_t>(total, cols), chunks(total), [&](int64_t begin, int64_t end, auto stream) {
+      for_segments(begin * kChunk, std::min(end * kChunk, total), cols, [&](int64_t row, int64_t col, int64_t len) {
+        const scalar_t* xi = xp + row * xs + col;
+        scalar_t* yi = yp + row * cols + col;
+        if (bp != nullptr) {
+          forward_segment<true, stream>(xi, bp + row * bs + col, yi, len, static_cast<A>(a));
+        } else {
+          forward_segment<false, stream>(xi, static_cast<const scalar_t*>(nullptr), yi, len, static_cast<A>(a));
+        }
       });
     });
   }), at::kFloat, at::kDouble, at::kBFloat16, at::kHalf);
@@ -72,19 +69,16 @@ void backward_kernel(const Rows& gr, const Rows& xr, T* dxp, double a, int64_t t
   const int64_t gs = flat ? 0 : gr.stride, xs = flat ? 0 : xr.stride;
   const T* gp = gr.t.const_data_ptr<T>();
   const T* xp = xr.t.const_data_ptr<T>();
-  with_streaming(DX && streams<T>(total, cols), [&](auto stream) {
-    at::parallel_for(0, chunks(total), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        simd::Vec<A> acc[2] = {};
-        A tail = 0;
-        for_segments(c * kChunk, std::min((c + 1) * kChunk, total), cols, [&](int64_t row, int64_t col, int64_t len) {
-          backward_segment<DX, DA, stream>(gp + row * gs + col, xp + row * xs + col,
-                                           DX ? dxp + row * cols + col : nullptr, len, static_cast<A>(a), acc, tail);
-        });
-        if constexpr (DA) partials[c] = lane_sum<A>(acc[0] + acc[1]) + static_cast<double>(tail);
-      }
-      if constexpr (stream) simd::stream_fence();
-    });
+  parallel_for_stores(DX && streams<T>(total, cols), chunks(total), [&](int64_t begin, int64_t end, auto stream) {
+    for (int64_t c = begin; c < end; ++c) {
+      simd::Vec<A> acc[2] = {};
+      A tail = 0;
+      for_segments(c * kChunk, std::min((c + 1) * kChunk, total), cols, [&](int64_t row, int64_t col, int64_t len) {
+        backward_segment<DX, DA, stream>(gp + row * gs + col, xp + row * xs + col,
+                                         DX ? dxp + row * cols + col : nullptr, len, static_cast<A>(a), acc, tail);
+      });
+      if constexpr (DA) partials[c] = lane_sum<A>(acc[0] + acc[1]) + static_cast<double>(tail);
+    }
   });
 }
 

@@ -269,21 +269,19 @@ at::Tensor features_first_forward(const at::Tensor& x_in, const std::vector<int3
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const bool short_rows = s * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchedRowBytes;
     const auto source = [&](int64_t q) { return xp + q / d * x.stride(0) + idx[q % d] * x.stride(1); };
-    with_streaming(streams<scalar_t>(y.numel(), s), [&](auto stream) {
-      at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
-        const int64_t last = std::min(end * per, rows);
-        for (int64_t q = begin * per; q < last; ++q) {
-          const int64_t n = q / d, i = q % d;
-          const scalar_t* xq = source(q);
-          if (short_rows && q + 1 < last) prefetch_row(source(q + 1), s);
-          if (bp != nullptr) {
-            forward_segment<true, stream>(xq, bp + n * b.stride(0) + i * b.stride(1), yp + q * s, s, static_cast<A>(a));
-          } else {
-            forward_segment<false, stream>(xq, bp, yp + q * s, s, static_cast<A>(a));
-          }
+    const int64_t items = (rows + per - 1) / per;
+    parallel_for_stores(streams<scalar_t>(y.numel(), s), items, [&](int64_t begin, int64_t end, auto stream) {
+      const int64_t last = std::min(end * per, rows);
+      for (int64_t q = begin * per; q < last; ++q) {
+        const int64_t n = q / d, i = q % d;
+        const scalar_t* xq = source(q);
+        if (short_rows && q + 1 < last) prefetch_row(source(q + 1), s);
+        if (bp != nullptr) {
+          forward_segment<true, stream>(xq, bp + n * b.stride(0) + i * b.stride(1), yp + q * s, s, static_cast<A>(a));
+        } else {
+          forward_segment<false, stream>(xq, bp, yp + q * s, s, static_cast<A>(a));
         }
-        if constexpr (stream) simd::stream_fence();
-      });
+      }
     });
   }), at::kFloat, at::kDouble, at::kBFloat16, at::kHalf);
   return y;
@@ -311,19 +309,17 @@ at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, co
     const scalar_t* bp = branch.has_value() ? br.t.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pp = permuted.defined() ? permuted.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    with_streaming(streams<scalar_t>(y.numel(), d), [&](auto stream) {
-      at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
-        PermutedRows<scalar_t>(xp, xr.stride, idx.data(), d, pp).for_tiles(begin * per, std::min(end * per, rows),
-                                                                          [&](int64_t r, int64_t n, const scalar_t* q) {
-          for (int64_t k = 0; k < n; ++k) {
-            if (bp != nullptr) {
-              forward_segment<true, stream>(q + k * d, bp + (r + k) * br.stride, yp + (r + k) * d, d, static_cast<A>(a));
-            } else {
-              forward_segment<false, stream>(q + k * d, bp, yp + (r + k) * d, d, static_cast<A>(a));
-            }
+    const int64_t items = (rows + per - 1) / per;
+    parallel_for_stores(streams<scalar_t>(y.numel(), d), items, [&](int64_t begin, int64_t end, auto stream) {
+      PermutedRows<scalar_t>(xp, xr.stride, idx.data(), d, pp).for_tiles(begin * per, std::min(end * per, rows),
+                                                                        [&](int64_t r, int64_t n, const scalar_t* q) {
+        for (int64_t k = 0; k < n; ++k) {
+          if (bp != nullptr) {
+            forward_segment<true, stream>(q + k * d, bp + (r + k) * br.stride, yp + (r + k) * d, d, static_cast<A>(a));
+          } else {
+            forward_segment<false, stream>(q + k * d, bp, yp + (r + k) * d, d, static_cast<A>(a));
           }
-        });
-        if constexpr (stream) simd::stream_fence();
+        }
       });
     });
   }), at::kFloat, at::kDouble, at::kBFloat16, at::kHalf);
@@ -339,22 +335,20 @@ void backward_kernel(const Rows& gr, const Rows& xr, const int32_t* inv, const a
   const T* gp = gr.t.const_data_ptr<T>();
   const T* xp = xr.t.const_data_ptr<T>();
   const T* pp = permuted.defined() ? permuted.const_data_ptr<T>() : nullptr;
-  with_streaming(DX && streams<T>(gr.rows * d, d), [&](auto stream) {
-    at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
-      PermutedRows<T> permuted_rows(gp, gr.stride, inv, d, pp);
-      for (int64_t c = begin; c < end; ++c) {  // chunk c: one term of dalpha
-        simd::Vec<A> acc[2] = {};
-        A tail = 0;
-        permuted_rows.for_tiles(c * per, std::min((c + 1) * per, rows), [&](int64_t r, int64_t n, const T* q) {
-          for (int64_t k = 0; k < n; ++k) {
-            backward_segment<DX, DA, stream>(q + k * d, xp + (r + k) * xr.stride, DX ? dxp + (r + k) * d : nullptr, d,
-                                             static_cast<A>(a), acc, tail);
-          }
-        });
-        if constexpr (DA) partials[c] = lane_sum<A>(acc[0] + acc[1]) + static_cast<double>(tail);
-      }
-      if constexpr (stream) simd::stream_fence();
-    });
+  const int64_t items = (rows + per - 1) / per;
+  parallel_for_stores(DX && streams<T>(rows * d, d), items, [&](int64_t begin, int64_t end, auto stream) {
+    PermutedRows<T> permuted_rows(gp, gr.stride, inv, d, pp);
+    for (int64_t c = begin; c < end; ++c) {  // chunk c: one term of dalpha
+      simd::Vec<A> acc[2] = {};
+      A tail = 0;
+      permuted_rows.for_tiles(c * per, std::min((c + 1) * per, rows), [&](int64_t r, int64_t n, const T* q) {
+        for (int64_t k = 0; k < n; ++k) {
+          backward_segment<DX, DA, stream>(q + k * d, xp + (r + k) * xr.stride, DX ? dxp + (r + k) * d : nullptr, d,
+                                           static_cast<A>(a), acc, tail);
+        }
+      });
+      if constexpr (DA) partials[c] = lane_sum<A>(acc[0] + acc[1]) + static_cast<double>(tail);
+    }
   });
 }
 
@@ -369,22 +363,20 @@ void features_first_backward(const at::Tensor& g, const at::Tensor& x, const int
   const T* xp = x.const_data_ptr<T>();
   const bool short_rows = s * static_cast<int64_t>(sizeof(T)) <= kPrefetchedRowBytes;
   const auto source = [&](int64_t q) { return gp + q / d * g.stride(0) + inv[q % d] * g.stride(1); };
-  with_streaming(DX && streams<T>(rows * s, s), [&](auto stream) {
-    at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        simd::Vec<A> acc[2] = {};
-        A tail = 0;
-        const int64_t last = std::min((c + 1) * per, rows);
-        for (int64_t q = c * per; q < last; ++q) {
-          const int64_t n = q / d, j = q % d;
-          if (short_rows && q + 1 < last) prefetch_row(source(q + 1), s);
-          backward_segment<DX, DA, stream>(source(q), xp + n * x.stride(0) + j * x.stride(1),
-                                           DX ? dxp + q * s : nullptr, s, static_cast<A>(a), acc, tail);
-        }
-        if constexpr (DA) partials[c] = lane_sum<A>(acc[0] + acc[1]) + static_cast<double>(tail);
+  const int64_t items = (rows + per - 1) / per;
+  parallel_for_stores(DX && streams<T>(rows * s, s), items, [&](int64_t begin, int64_t end, auto stream) {
+    for (int64_t c = begin; c < end; ++c) {
+      simd::Vec<A> acc[2] = {};
+      A tail = 0;
+      const int64_t last = std::min((c + 1) * per, rows);
+      for (int64_t q = c * per; q < last; ++q) {
+        const int64_t n = q / d, j = q % d;
+        if (short_rows && q + 1 < last) prefetch_row(source(q + 1), s);
+        backward_segment<DX, DA, stream>(source(q), xp + n * x.stride(0) + j * x.stride(1),
+                                         DX ? dxp + q * s : nullptr, s, static_cast<A>(a), acc, tail);
       }
-      if constexpr (stream) simd::stream_fence();
-    });
+      if constexpr (DA) partials[c] = lane_sum<A>(acc[0] + acc[1]) + static_cast<double>(tail);
+    }
   });
 }
 
