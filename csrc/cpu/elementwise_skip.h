@@ -7,7 +7,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -141,14 +143,32 @@ inline bool streams(int64_t numel, int64_t row_len) {
          (row_bytes % 64 == 0 || row_bytes >= kMinStreamedRowBytes);
 }
 
-// at::parallel_for over work items [0, n) of fn(begin, end, std::bool_constant<stream>{}):
-// the kernel for either kind of store, each thread fencing its streamed stores
-// (simd::stream_fence) before its work items end.
+// fn(begin, end, std::bool_constant<stream>{}) over disjoint ranges covering the work items
+// [0, n), the kernel for either kind of store. at::parallel_for starts one claimant per
+// thread; each claims ranges from a shared counter until none are left, each range a share
+// of what remains (a quarter of it with two threads, down to one item), then fences its
+// streamed stores (simd::stream_fence). A thread that starts late (woken from sleep, as
+// with OMP_WAIT_POLICY=passive) finds that the others have taken part of its share,
+// instead of adding its wake-up to a fixed half of the work. On the 2-vCPU AMD EPYC
+// (Zen 4) a worker's wake-up took about 60 us, a single call's time; in an A/B there, two
+// threads, the 16 x 197 x 192 float32 forwards went from 0.183 to 0.150 ms (permutation)
+// and 0.118 to 0.088 ms (identity), and the large shapes' 4-15 % faster. Items are fixed
+// chunks, so what each computes does not depend on the thread that runs it.
 template <typename Fn>
 inline void parallel_for_stores(bool stream, int64_t n, Fn&& fn) {
+  if (n <= 0) return;
+  const int64_t claimants = std::min<int64_t>(n, at::get_num_threads());
+  std::atomic<int64_t> next{0};
   const auto run = [&](auto streamed) {
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      fn(begin, end, streamed);
+    at::parallel_for(0, claimants, 1, [&](int64_t, int64_t) {
+      int64_t begin = next.load(std::memory_order_relaxed);
+      while (begin < n) {
+        const int64_t take = std::max<int64_t>(1, (n - begin) / (2 * claimants));
+        if (next.compare_exchange_weak(begin, begin + take, std::memory_order_relaxed)) {
+          fn(begin, begin + take, streamed);
+          begin = next.load(std::memory_order_relaxed);
+        }
+      }
       if constexpr (decltype(streamed)::value) simd::stream_fence();
     });
   };

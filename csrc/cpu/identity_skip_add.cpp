@@ -2,9 +2,10 @@
 // dx = alpha * grad, dalpha = sum(grad * x) (schemas in csrc/ops.cpp), each in one pass over
 // memory: x and branch read where they lie (rows with a row stride), y written once, and
 // dx and dalpha from the same read of grad and x. The flattened problem is cut into fixed
-// chunks of elementwise::kChunk elements, the work items of at::parallel_for and the
-// terms of dalpha's sum (float32 accumulation, float64 for float64): its bits do not
-// depend on the number of threads.
+// chunks of elementwise::kChunk elements, the work items that the threads claim
+// (elementwise::parallel_for_stores) and the terms of dalpha's sum (float32 accumulation,
+// float64 for float64): its bits depend neither on the number of threads nor on which
+// thread computes which chunk.
 #include <ATen/Dispatch_v2.h>
 #include <torch/library.h>
 

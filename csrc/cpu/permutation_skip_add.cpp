@@ -235,10 +235,24 @@ at::Tensor permuted_copy(const Rows& r, const at::Tensor& index) {
 // faster).
 constexpr int64_t kPrefetchedRowBytes = 2048;
 
-// Every cache line of the row p[0 .. n - 1].
+// Rows last, the operand read row by row beside the permuted one (the branch in the
+// forward, x in the backward with dalpha) is requested into L2 kRowsAheadBytes ahead of its
+// reads: its in-order stream otherwise waited on memory behind the tiles' W streams. A/Bs
+// on AMD Zen 4, two threads: forward bfloat16 8192 x 1024 and 64 x 197 x 768, float32
+// 8192 x 1024, 9-13 % faster, float32 64 x 197 x 768 7 %; backward (dx and dalpha)
+// bfloat16 8192 x 1024 and float32 64 x 197 x 768 6-7 %; 16 x 197 x 192, in cache, the same.
+constexpr int64_t kRowsAheadBytes = 16384;
+
 template <typename T>
+int64_t rows_ahead(int64_t d) {
+  return std::max<int64_t>(1, kRowsAheadBytes / std::max<int64_t>(1, d * static_cast<int64_t>(sizeof(T))));
+}
+
+// Every cache line of the row p[0 .. n - 1], with __builtin_prefetch's locality (3: into
+// L1, 2: into L2).
+template <int LOCALITY = 3, typename T>
 void prefetch_row(const T* p, int64_t n) {
-  for (int64_t c = 0; c < n; c += 64 / sizeof(T)) __builtin_prefetch(p + c, 0, 3);
+  for (int64_t c = 0; c < n; c += 64 / sizeof(T)) __builtin_prefetch(p + c, 0, LOCALITY);
 }
 
 // x (N, D, S) read in place where its last dim is contiguous (else copied).
@@ -305,6 +319,7 @@ at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, co
   const at::Tensor permuted = permuted_copy(xr, index);
   AT_DISPATCH_V2(x.scalar_type(), "entskip_permutation_skip_add_cpu", AT_WRAP([&] {
     using A = acc_type<scalar_t>;
+    const int64_t ahead = rows_ahead<scalar_t>(d);
     const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
     const scalar_t* bp = branch.has_value() ? br.t.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pp = permuted.defined() ? permuted.const_data_ptr<scalar_t>() : nullptr;
@@ -314,6 +329,7 @@ at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, co
       PermutedRows<scalar_t>(xp, xr.stride, idx.data(), d, pp).for_tiles(begin * per, std::min(end * per, rows),
                                                                         [&](int64_t r, int64_t n, const scalar_t* q) {
         for (int64_t k = 0; k < n; ++k) {
+          if (bp != nullptr && r + k + ahead < rows) prefetch_row<2>(bp + (r + k + ahead) * br.stride, d);
           if (bp != nullptr) {
             forward_segment<true, stream>(q + k * d, bp + (r + k) * br.stride, yp + (r + k) * d, d, static_cast<A>(a));
           } else {
@@ -335,7 +351,7 @@ void backward_kernel(const Rows& gr, const Rows& xr, const int32_t* inv, const a
   const T* gp = gr.t.const_data_ptr<T>();
   const T* xp = xr.t.const_data_ptr<T>();
   const T* pp = permuted.defined() ? permuted.const_data_ptr<T>() : nullptr;
-  const int64_t items = (rows + per - 1) / per;
+  const int64_t items = (rows + per - 1) / per, ahead = rows_ahead<T>(d);
   parallel_for_stores(DX && streams<T>(rows * d, d), items, [&](int64_t begin, int64_t end, auto stream) {
     PermutedRows<T> permuted_rows(gp, gr.stride, inv, d, pp);
     for (int64_t c = begin; c < end; ++c) {  // chunk c: one term of dalpha
@@ -343,6 +359,7 @@ void backward_kernel(const Rows& gr, const Rows& xr, const int32_t* inv, const a
       A tail = 0;
       permuted_rows.for_tiles(c * per, std::min((c + 1) * per, rows), [&](int64_t r, int64_t n, const T* q) {
         for (int64_t k = 0; k < n; ++k) {
+          if (DA && r + k + ahead < rows) prefetch_row<2>(xp + (r + k + ahead) * xr.stride, d);
           backward_segment<DX, DA, stream>(q + k * d, xp + (r + k) * xr.stride, DX ? dxp + (r + k) * d : nullptr, d,
                                            static_cast<A>(a), acc, tail);
         }
