@@ -152,7 +152,7 @@ inline bool streams(int64_t numel, int64_t row_len) {
 // instead of adding its wake-up to a fixed half of the work. On the 2-vCPU AMD EPYC
 // (Zen 4) a worker's wake-up took about 60 us, a single call's time; in an A/B there, two
 // threads, the 16 x 197 x 192 float32 forwards went from 0.183 to 0.150 ms (permutation)
-// and 0.118 to 0.088 ms (identity), and the large shapes' 4-15 % faster. Items are fixed
+// and 0.118 to 0.088 ms (identity), and the large shapes' 3-9 % faster. Items are fixed
 // chunks, so what each computes does not depend on the thread that runs it.
 template <typename Fn>
 inline void parallel_for_stores(bool stream, int64_t n, Fn&& fn) {
