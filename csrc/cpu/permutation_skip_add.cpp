@@ -329,8 +329,8 @@ at::Tensor permutation_skip_add(const at::Tensor& x, const at::Tensor& index, co
       PermutedRows<scalar_t>(xp, xr.stride, idx.data(), d, pp).for_tiles(begin * per, std::min(end * per, rows),
                                                                         [&](int64_t r, int64_t n, const scalar_t* q) {
         for (int64_t k = 0; k < n; ++k) {
-          if (bp != nullptr && r + k + ahead < rows) prefetch_row<2>(bp + (r + k + ahead) * br.stride, d);
           if (bp != nullptr) {
+            if (r + k + ahead < rows) prefetch_row<2>(bp + (r + k + ahead) * br.stride, d);
             forward_segment<true, stream>(q + k * d, bp + (r + k) * br.stride, yp + (r + k) * d, d, static_cast<A>(a));
           } else {
             forward_segment<false, stream>(q + k * d, bp, yp + (r + k) * d, d, static_cast<A>(a));
