@@ -277,6 +277,22 @@ def test_many_row_tiles(block, dtype, poisoned, cpu_backend):
     _check_against_reference(make_mapping("bsr_rect", 256, block, seed=7, out_dim=128), dtype, (5, 821), True)
 
 
+@pytest.mark.parametrize("with_branch", [True, False], ids=["branch", "nobranch"])
+@pytest.mark.parametrize("lead", [(1,), (11,), (13,), (5, 821)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "dtype, dim, kind, block",
+    [(torch.float64, 32, "block_orthogonal", 16), (torch.float32, 64, "sparse", 16), (torch.float32, 64, "bsr_rect", 32),
+     (torch.bfloat16, 64, "block_orthogonal", 16), (torch.bfloat16, 128, "sparse", 16)],
+    ids=lambda v: str(v).replace("torch.", ""),
+)
+def test_narrow_rows_read_in_place(dtype, dim, kind, block, lead, with_branch, poisoned, cpu_backend):
+    """Rows of at most 256 bytes with few blocks, which the block-row kernel reads in place
+    instead of packing: one row, fewer and more rows than a micro-tile (12 float32 rows at
+    block 16), and rows across several tiles that end on a partial micro-tile."""
+    out_dim = 2 * dim if kind in RECT else dim
+    _check_against_reference(make_mapping(kind, dim, block, seed=5, out_dim=out_dim), dtype, lead, with_branch)
+
+
 @pytest.mark.parametrize("path", ["widened", "avx512_bf16", "amx"])
 @pytest.mark.parametrize(
     "kind, block, dim",

@@ -35,6 +35,11 @@ namespace entskip::cpu {
 // Bytes of packed input rows a work item aims to keep in L2.
 constexpr int64_t kTileBytes = 256 * 1024;
 
+// Input rows of at most kInPlaceRowBytes, with all the blocks within kInPlaceBlockBytes (in
+// L1 throughout), are read in place rather than packed (see block_row_product_fixed).
+constexpr int64_t kInPlaceRowBytes = 256;
+constexpr int64_t kInPlaceBlockBytes = 16 * 1024;
+
 // Block sizes with register-blocked micro-kernels (multiples of the SIMD width).
 template <typename acc_t, int B>
 struct Blocking {
@@ -105,17 +110,25 @@ inline void store_micro_tile(const simd::Vec<acc_t> (&acc)[MR][B / simd::Simd<ac
   }
 }
 
+// Where a micro-kernel finds A[m, col], input feature col of row m of its micro-tile: in the
+// packed transpose of the tile's rows, P[col * ld + m] (the MR values broadcast at each step
+// adjacent), or, kInPlace, in the rows themselves, P[m * ld + col].
+template <bool kInPlace>
+constexpr int64_t col_stride(int64_t ld) { return kInPlace ? 1 : ld; }
+template <bool kInPlace>
+constexpr int64_t row_stride(int64_t ld) { return kInPlace ? ld : 1; }
+
 // out[m, :B] = alpha * sum_{t in [t0, t1)} A[m, idx[t]*B : +B] @ Bv[t] (+ branch[m, :B]) for m < min(rows, MR),
-// where A[m, col] = P[col * ldp + m] (the packed transpose of the input rows): the MR values
-// broadcast at each step are adjacent. All MR x B accumulators stay in registers across
-// every block of the row; rows from `rows` to MR - 1 (zero padding of P) are computed, not stored.
+// with A[m, col] in P as col_stride/row_stride say. All MR x B accumulators stay in registers
+// across every block of the row; rows from `rows` to MR - 1 (zero padding) are computed, not
+// stored.
 //
 // Micro-kernels are never inlined (ENTSKIP_MICRO_KERNEL): the compiler may contract a * b + c
 // into an FMA differently in each inlined copy, and at::parallel_for has two call sites (a
 // serial one for one thread, an OpenMP one), so inlined copies made results depend on the
 // thread count in the last bit. One out-of-line copy computes every row the same way.
-template <typename scalar_t, typename acc_t, int B, int MR>
-ENTSKIP_MICRO_KERNEL void block_row_micro(const acc_t* P, int64_t ldp, const acc_t* Bv, const int64_t* idx, int64_t t0,
+template <typename scalar_t, typename acc_t, int B, int MR, bool kInPlace>
+ENTSKIP_MICRO_KERNEL void block_row_micro(const acc_t* P, int64_t ld, const acc_t* Bv, const int64_t* idx, int64_t t0,
                                           int64_t t1, acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out,
                                           int64_t rows, bool stream) {
   using V = simd::Vec<acc_t>;
@@ -126,11 +139,11 @@ ENTSKIP_MICRO_KERNEL void block_row_micro(const acc_t* P, int64_t ldp, const acc
     for (int v = 0; v < NV; ++v) acc[m][v] = V{};
   for (int64_t t = t0; t < t1; ++t) {
     const acc_t* Bt = Bv + t * B * B;
-    const acc_t* At = P + idx[t] * B * ldp;
+    const acc_t* At = P + idx[t] * B * col_stride<kInPlace>(ld);
     for (int c = 0; c < B; ++c) {
       V bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = simd::load<acc_t>(Bt + c * B + v * W);
-      simd::outer_product_step<MR, NV>(acc, At + c * ldp, bv);
+      simd::outer_product_step<MR, NV>(acc, At + c * col_stride<kInPlace>(ld), bv, row_stride<kInPlace>(ld));
     }
   }
   store_micro_tile<scalar_t, acc_t, B, MR>(acc, alpha, branch, ldo, out, rows, stream);
@@ -140,11 +153,11 @@ ENTSKIP_MICRO_KERNEL void block_row_micro(const acc_t* P, int64_t ldp, const acc
 // The same product for bfloat16 inputs with AVX512-BF16 dot products: each vdpbf16ps adds,
 // in float32, the products of two consecutive input features (exact: a product of two
 // bfloat16 fits a float32), so one instruction does the work of two float32 FMAs.
-// Operands are bfloat16 pairs held in 32-bit words: P[k * ldp + m] holds (A[m, 2k],
-// A[m, 2k + 1]) (the packed transpose of the input rows, taken as 32-bit words), and
+// Operands are bfloat16 pairs held in 32-bit words: word k of row m of P (placed as in
+// block_row_micro) holds (A[m, 2k], A[m, 2k + 1]) (the rows taken as 32-bit words), and
 // Bp[t][k][j] holds (B_t[2k][j], B_t[2k + 1][j]), the lower feature in the lower half.
-template <int B, int MR>
-ENTSKIP_MICRO_KERNEL void block_row_micro_bf16_pairs(const float* P, int64_t ldp, const uint32_t* Bp,
+template <int B, int MR, bool kInPlace>
+ENTSKIP_MICRO_KERNEL void block_row_micro_bf16_pairs(const float* P, int64_t ld, const uint32_t* Bp,
                                                      const int64_t* idx, int64_t t0, int64_t t1, float alpha,
                                                      const c10::BFloat16* branch, int64_t ldo, c10::BFloat16* out,
                                                      int64_t rows, bool stream) {
@@ -155,12 +168,13 @@ ENTSKIP_MICRO_KERNEL void block_row_micro_bf16_pairs(const float* P, int64_t ldp
     for (int v = 0; v < NV; ++v) acc[m][v] = simd::Vec<float>{};
   for (int64_t t = t0; t < t1; ++t) {
     const uint32_t* Bt = Bp + t * H * B;
-    const float* At = P + idx[t] * H * ldp;
+    const float* At = P + idx[t] * H * col_stride<kInPlace>(ld);
     for (int k = 0; k < H; ++k) {
       __m512bh bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(Bt + k * B + v * W);
       for (int m = 0; m < MR; ++m) {
-        const __m512bh am = (__m512bh)_mm512_set1_ps(At[k * ldp + m]);
+        const __m512bh am =
+            (__m512bh)_mm512_set1_ps(At[k * col_stride<kInPlace>(ld) + m * row_stride<kInPlace>(ld)]);
         for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], am, bv[v]);
       }
     }
@@ -170,11 +184,14 @@ ENTSKIP_MICRO_KERNEL void block_row_micro_bf16_pairs(const float* P, int64_t ldp
 #endif
 
 // How block_row_product_fixed stores a tile of input rows and the blocks for its micro-kernel.
-// Widened: P[col][n] = a[n][col] and B[t][c][j], both in the accumulation type.
+// Widened: P[col][n] = a[n][col] and B[t][c][j], both in the accumulation type; rows already
+// in the accumulation type can be read in place (kInPlace, rows()).
 template <typename scalar_t, typename acc_t, int B>
 struct WidenedOperands {
   using packed_t = acc_t;
   using block_t = acc_t;
+  static constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
+  static const packed_t* rows(const scalar_t* a) { return reinterpret_cast<const packed_t*>(a); }
   static constexpr int MR = Blocking<acc_t, B>::MR;
   static constexpr int64_t kUnit = Blocking<acc_t, B>::kUnit;
   static constexpr int64_t kBlockElems = int64_t{B} * B;  // block_t per block
@@ -182,22 +199,27 @@ struct WidenedOperands {
   static void pack(const scalar_t* a, int64_t lda, int64_t rows, int64_t padded, packed_t* P, int64_t ldp) {
     pack_transposed<scalar_t, acc_t>(a, lda, rows, padded, P, ldp);
   }
-  static void micro(const packed_t* P, int64_t ldp, const block_t* Bv, const int64_t* idx, int64_t t0, int64_t t1,
+  template <bool kRowsInPlace>
+  static void micro(const packed_t* P, int64_t ld, const block_t* Bv, const int64_t* idx, int64_t t0, int64_t t1,
                     acc_t alpha, const scalar_t* branch, int64_t ldo, scalar_t* out, int64_t rows, bool stream) {
-    block_row_micro<scalar_t, acc_t, B, MR>(P, ldp, Bv, idx, t0, t1, alpha, branch, ldo, out, rows, stream);
+    block_row_micro<scalar_t, acc_t, B, MR, kRowsInPlace>(P, ld, Bv, idx, t0, t1, alpha, branch, ldo, out, rows,
+                                                          stream);
   }
 };
 
 #if defined(__AVX512BF16__)
 // bfloat16 pairs for block_row_micro_bf16_pairs: the tile packed as the transpose of its rows
 // taken as 32-bit words (the bits are moved, never converted; lda / 2 words per row must be
-// whole SIMD vectors: lda a multiple of 32), the blocks as pairs of feature rows.
+// whole SIMD vectors: lda a multiple of 32), or the rows read in place as words; the blocks
+// as pairs of feature rows.
 template <int B>
 struct Bf16PairOperands {
   static_assert(B % 16 == 0, "a block row must be whole vectors of float32 accumulators");
   static bool fits(int64_t lda) { return lda % 32 == 0; }
   using packed_t = float;  // bit patterns of bfloat16 pairs
   using block_t = uint32_t;
+  static constexpr bool kInPlace = true;
+  static const packed_t* rows(const c10::BFloat16* a) { return reinterpret_cast<const packed_t*>(a); }
   static constexpr int MR = Blocking<float, B>::MR;
   static constexpr int64_t kUnit = Blocking<float, B>::kUnit;
   static constexpr int64_t kBlockElems = int64_t{B} * B / 2;
@@ -205,10 +227,11 @@ struct Bf16PairOperands {
   static void pack(const c10::BFloat16* a, int64_t lda, int64_t rows, int64_t padded, packed_t* P, int64_t ldp) {
     pack_transposed<float, float>(reinterpret_cast<const float*>(a), lda / 2, rows, padded, P, ldp);
   }
-  static void micro(const packed_t* P, int64_t ldp, const block_t* Bp, const int64_t* idx, int64_t t0, int64_t t1,
+  template <bool kRowsInPlace>
+  static void micro(const packed_t* P, int64_t ld, const block_t* Bp, const int64_t* idx, int64_t t0, int64_t t1,
                     float alpha, const c10::BFloat16* branch, int64_t ldo, c10::BFloat16* out, int64_t rows,
                     bool stream) {
-    block_row_micro_bf16_pairs<B, MR>(P, ldp, Bp, idx, t0, t1, alpha, branch, ldo, out, rows, stream);
+    block_row_micro_bf16_pairs<B, MR, kRowsInPlace>(P, ld, Bp, idx, t0, t1, alpha, branch, ldo, out, rows, stream);
   }
 };
 #endif
@@ -221,6 +244,12 @@ struct Bf16PairOperands {
 // into a per-thread buffer that stays in L2, then applies every output block row from there,
 // reading the branch and writing each output element once. Memory sees each input, branch and
 // output row once. The tile's output rows are mapped (prefault_for_write) before they are written.
+//
+// Narrow rows with few blocks (kInPlaceRowBytes, kInPlaceBlockBytes: 64 channels at block 16,
+// e.g.) are not packed where Ops can read them in place: there each input row feeds only a few
+// output blocks, too few to repay its transpose. The micro-tiles then take every block row in
+// turn, their output rows written whole while they are in cache (bfloat16 32 x 64 x 56 x 56
+// channels_last at density 1/4: 3.4 ms packed, 2.1 ms in place).
 template <typename scalar_t, typename acc_t, int B, typename Ops>
 void block_row_product_fixed(const scalar_t* a, int64_t lda, const typename Ops::block_t* Bv, const int64_t* ptr,
                              const int64_t* idx, int64_t nrows, int64_t N, acc_t alpha, const scalar_t* branch,
@@ -242,11 +271,36 @@ void block_row_product_fixed(const scalar_t* a, int64_t lda, const typename Ops:
   const int64_t parallel_units = (N + 4 * unit * at::get_num_threads() - 1) / (4 * unit * at::get_num_threads());
   const int64_t tile = unit * std::max<int64_t>(1, std::min(fit_units, parallel_units));
   const int64_t ntiles = (N + tile - 1) / tile;
+  const bool in_place = Ops::kInPlace && lda * static_cast<int64_t>(sizeof(scalar_t)) <= kInPlaceRowBytes &&
+                        ptr[nrows] * block_bytes <= kInPlaceBlockBytes;
   at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-    AlignedBuffer<packed_t> packed(tile * cols);
+    // The packed tile; read in place, the zero-padded copy of a last, partial micro-tile.
+    AlignedBuffer<packed_t> packed((in_place ? MR : tile) * cols);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n0 = w * tile, rows = std::min(N, n0 + tile) - n0;
       prefault_for_write(out + n0 * ldo, rows * ldo * static_cast<int64_t>(sizeof(scalar_t)));
+      if constexpr (Ops::kInPlace) {
+        if (in_place) {
+          // Whole micro-tiles in place; the last, partial one from a zero-padded copy.
+          const packed_t* in = Ops::rows(a + n0 * lda);
+          const int64_t whole = rows / MR * MR;
+          for (int64_t m = 0; m < rows; m += MR) {
+            const packed_t* at = in + m * cols;
+            if (m == whole) {
+              std::fill(packed.data(), packed.data() + MR * cols, packed_t(0));
+              std::copy(at, at + (rows - m) * cols, packed.data());
+              at = packed.data();
+            }
+            for (int64_t i = 0; i < nrows; ++i) {
+              const int64_t first = (n0 + m) * ldo + i * B;
+              Ops::template micro<true>(at, cols, Bv, idx, ptr[i], ptr[i + 1], alpha,
+                                        branch != nullptr ? branch + first : nullptr, ldo, out + first, rows - m,
+                                        stream);
+            }
+          }
+          continue;
+        }
+      }
       const int64_t padded = (rows + unit - 1) / unit * unit;  // whole micro-tiles, whole transposes
       Ops::pack(a + n0 * lda, lda, rows, padded, packed.data(), tile);
       for (int64_t i = 0; i < nrows; ++i) {
@@ -259,8 +313,8 @@ void block_row_product_fixed(const scalar_t* a, int64_t lda, const typename Ops:
         for (int64_t m = 0, p = 0; m < rows; m += MR, p += slice) {
           for (int64_t e = p; e < std::min(p + slice, next_bytes); e += 64) __builtin_prefetch(next + e, 0);
           const int64_t first = (n0 + m) * ldo + i * B;
-          Ops::micro(packed.data() + m, tile, Bv, idx, ptr[i], ptr[i + 1], alpha,
-                     branch != nullptr ? branch + first : nullptr, ldo, out + first, rows - m, stream);
+          Ops::template micro<false>(packed.data() + m, tile, Bv, idx, ptr[i], ptr[i + 1], alpha,
+                                     branch != nullptr ? branch + first : nullptr, ldo, out + first, rows - m, stream);
         }
       }
     }

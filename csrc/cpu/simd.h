@@ -184,12 +184,13 @@ inline void keep_in_register(V& v) {
 #endif
 }
 
-// acc[m][v] += a[m] * b[v] for m < M, v < NV: one step (one k) of an outer-product
+// acc[m][v] += a[m * stride] * b[v] for m < M, v < NV: one step (one k) of an outer-product
 // micro-kernel, with b = NV vectors of a row of the right operand.
 template <int M, int NV, typename acc_t>
-inline void outer_product_step(Vec<acc_t> (&acc)[M][NV], const acc_t* a, const Vec<acc_t> (&b)[NV]) {
+inline void outer_product_step(Vec<acc_t> (&acc)[M][NV], const acc_t* a, const Vec<acc_t> (&b)[NV],
+                               int64_t stride = 1) {
   for (int m = 0; m < M; ++m) {
-    const Vec<acc_t> am = broadcast(a[m]);
+    const Vec<acc_t> am = broadcast(a[m * stride]);
     for (int v = 0; v < NV; ++v) acc[m][v] += am * b[v];
   }
 }
