@@ -217,18 +217,22 @@ def test_dense_ops_3d_match_reference(dtype, n, s, poisoned):
     assert_close(da, (full * W.double()).sum(), dtype, "dalpha", scale=scale * W.numel())
 
 
-@pytest.mark.parametrize("path", ["amx", "gemm"])
+@pytest.mark.parametrize("path", ["amx", "avx512_bf16", "gemm"])
 @pytest.mark.parametrize("d_out,d_in", [(128, 192), (64, 96), (48, 32)], ids=["b64", "b32", "b16"])
 @pytest.mark.parametrize("n,s", [(2, 49), (1, 197)])
 def test_dense_bfloat16_nchw_blockwise_paths_match_reference(path, d_out, d_in, n, s, monkeypatch, poisoned):
-    """bfloat16 NCHW maps whose W is whole 64/32/16 blocks: y and dx by the features-first
-    block kernel and dW by the sampled product over all of W's blocks on AMX tiles, else
-    (ENTSKIP_CPU_AMX=0) a GEMM per image."""
+    """bfloat16 NCHW maps whose W is whole 64/32/16 blocks: on AMX tiles y and dx by the
+    features-first block kernel and dW by the sampled product over all of W's blocks; with
+    AVX512-BF16 dot products (ENTSKIP_CPU_AMX=0) dW by that sampled product, y and dx by a
+    GEMM per image; with neither (ENTSKIP_CPU_AVX512_BF16=0 too) GEMMs per image."""
     import entskip._C
 
     if path == "amx" and not entskip._C.amx:
         pytest.skip("this CPU has no AMX-BF16 tiles")
+    if path == "avx512_bf16" and not entskip._C.avx512_bf16:
+        pytest.skip("this build has no AVX512-BF16 kernels")
     monkeypatch.setenv("ENTSKIP_CPU_AMX", "1" if path == "amx" else "0")
+    monkeypatch.setenv("ENTSKIP_CPU_AVX512_BF16", "0" if path == "gemm" else "1")
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(torch.bfloat16)
     x, r, g = _op_inputs(d_in, d_out, n, s, torch.bfloat16, seed=s)
     a = _alpha(torch.bfloat16)
@@ -240,6 +244,31 @@ def test_dense_bfloat16_nchw_blockwise_paths_match_reference(path, d_out, d_in, 
     scale = max(float(torch.einsum("nos,ncs->oc", g.double().abs(), x.double().abs()).max()), 1.0)
     assert_close(dw, 0.7 * full, torch.bfloat16, "dweight", scale=scale)
     assert_close(da, (full * W.double()).sum(), torch.bfloat16, "dalpha", scale=scale * W.numel())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dense_3d_results_do_not_depend_on_the_thread_count(dtype):
+    """y, dx, dW and dalpha of a dense NCHW map, bitwise on 1, 2 and 3 threads (dW sums
+    fixed groups of images, or every block in a fixed order)."""
+    W = torch.randn(128, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    x, r, g = _op_inputs(64, 128, 9, 49, dtype, seed=4)
+    a = _alpha(dtype)
+
+    def run():
+        y = torch.ops.entskip.dense_skip_add(x, W, a, r)
+        return (y, *torch.ops.entskip.dense_skip_add_backward(g, x, W, a, [True, True, True]))
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for name, u, v in zip(("y", "dx", "dW", "dalpha"), results[0], other):
+            assert torch.equal(u, v), name
 
 
 def test_3d_ops_read_non_contiguous_inputs():
