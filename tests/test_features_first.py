@@ -172,6 +172,15 @@ def _check_bsr_3d(m, dtype, n, s):
     assert dx.shape == x.shape and y.shape == r.shape
 
 
+@pytest.mark.parametrize("dtype, n, s", [(torch.float32, 3, 5488), (torch.float64, 2, 4112), (torch.float32, 3, 5474)],
+                         ids=["float32", "float64", "float32-unaligned"])
+def test_bsr_3d_large_outputs_are_streamed_correctly(dtype, n, s, poisoned):
+    """Features-first outputs of 4 MiB or more whose rows are whole 64-byte lines (S a
+    multiple of 16 float32 or 8 float64 positions) are written by non-temporal stores, a
+    tile's partial last chunk among them; rows that are not (S = 5474) through the cache."""
+    _check_bsr_3d(mappings.sparse(64, density=0.5, block=16, seed=6), dtype, n, s)
+
+
 @pytest.mark.parametrize("path", ["amx", "avx512"])
 @pytest.mark.parametrize("block", [16, 32, 64])
 @pytest.mark.parametrize("n,s", [(1, 1), (2, 15), (2, 30), (3, 49), (1, 76), (2, 100), (1, 197)])
