@@ -172,7 +172,7 @@ def _check_bsr_3d(m, dtype, n, s):
     assert dx.shape == x.shape and y.shape == r.shape
 
 
-@pytest.mark.parametrize("dtype, n, s", [(torch.float32, 3, 5488), (torch.float64, 2, 4112), (torch.float32, 3, 5474)],
+@pytest.mark.parametrize("dtype, n, s", [(torch.float32, 4, 5488), (torch.float64, 3, 4112), (torch.float32, 4, 5474)],
                          ids=["float32", "float64", "float32-unaligned"])
 def test_bsr_3d_large_outputs_are_streamed_correctly(dtype, n, s, poisoned):
     """Features-first outputs of 4 MiB or more whose rows are whole 64-byte lines (S a

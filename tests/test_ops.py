@@ -285,12 +285,40 @@ def test_many_row_tiles(block, dtype, poisoned, cpu_backend):
      (torch.bfloat16, 64, "block_orthogonal", 16), (torch.bfloat16, 128, "sparse", 16)],
     ids=lambda v: str(v).replace("torch.", ""),
 )
-def test_narrow_rows_read_in_place(dtype, dim, kind, block, lead, with_branch, poisoned, cpu_backend):
+def test_narrow_rows_read_in_place(dtype, dim, kind, block, lead, with_branch, monkeypatch, poisoned, cpu_backend):
     """Rows of at most 256 bytes with few blocks, which the block-row kernel reads in place
     instead of packing: one row, fewer and more rows than a micro-tile (12 float32 rows at
-    block 16), and rows across several tiles that end on a partial micro-tile."""
+    block 16), and rows across several tiles that end on a partial micro-tile. bfloat16
+    rows are read in place by the AVX512-BF16 kernel (AMX off; in builds without it they
+    are widened and packed, and the case checks that path)."""
+    monkeypatch.setenv("ENTSKIP_CPU_AMX", "0")
     out_dim = 2 * dim if kind in RECT else dim
     _check_against_reference(make_mapping(kind, dim, block, seed=5, out_dim=out_dim), dtype, lead, with_branch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_narrow_rows_read_in_place_at_an_odd_offset(dtype, monkeypatch, poisoned, cpu_backend):
+    """Narrow rows read in place from views one element into their storage (bfloat16 pairs
+    then straddle 4-byte words): the same bits as from fresh copies, forward and every
+    gradient, and y and dx against the float64 reference."""
+    monkeypatch.setenv("ENTSKIP_CPU_AMX", "0")
+    mapping = make_mapping("block_orthogonal", 64, 16, seed=2).to(dtype)
+    values = stored_tensor(mapping).requires_grad_(True)
+    gen = torch.Generator().manual_seed(3)
+    x, r, g = (torch.randn(37 * 64 + 1, generator=gen, dtype=torch.float64).to(dtype)[1:].view(37, 64) for _ in range(3))
+    assert x.storage_offset() == 1 and x.is_contiguous()
+
+    def run(x, r):
+        xk = x.detach().requires_grad_(True)
+        y = entskip.skip_add(xk, mapping, r, 0.7)
+        return (y, *torch.autograd.grad(y, [xk, values], g))
+
+    offset, fresh = run(x, r), run(x.clone(), r.clone())
+    for name, a, b in zip(("y", "dx", "dvalues"), offset, fresh):
+        assert torch.equal(a, b), name
+    M = mapping_matrix(mapping).double()
+    assert_close(offset[0], 0.7 * x.double() @ M.T + r.double(), dtype, "y")
+    assert_close(offset[1], 0.7 * g.double() @ M, dtype, "dx")
 
 
 @pytest.mark.parametrize("path", ["widened", "avx512_bf16", "amx"])

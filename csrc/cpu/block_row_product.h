@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -173,8 +174,11 @@ ENTSKIP_MICRO_KERNEL void block_row_micro_bf16_pairs(const float* P, int64_t ld,
       __m512bh bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(Bt + k * B + v * W);
       for (int m = 0; m < MR; ++m) {
-        const __m512bh am =
-            (__m512bh)_mm512_set1_ps(At[k * col_stride<kInPlace>(ld) + m * row_stride<kInPlace>(ld)]);
+        // A word of P by memcpy: read in place, a row of an odd bfloat16 offset is not
+        // 4-byte aligned.
+        float word;
+        std::memcpy(&word, At + k * col_stride<kInPlace>(ld) + m * row_stride<kInPlace>(ld), sizeof(word));
+        const __m512bh am = (__m512bh)_mm512_set1_ps(word);
         for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], am, bv[v]);
       }
     }
