@@ -296,6 +296,13 @@ def test_narrow_rows_read_in_place(dtype, dim, kind, block, lead, with_branch, m
     _check_against_reference(make_mapping(kind, dim, block, seed=5, out_dim=out_dim), dtype, lead, with_branch)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_narrow_rows_read_in_place_into_streamed_outputs(dtype, poisoned, cpu_backend):
+    """Narrow rows read in place whose outputs (y and dx: 20011 x 64, 5 or 10 MiB) are large
+    enough to be streamed, ending on a partial micro-tile."""
+    _check_against_reference(make_mapping("sparse", 64, 16, seed=8), dtype, (20011,), True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_narrow_rows_read_in_place_at_an_odd_offset(dtype, monkeypatch, poisoned, cpu_backend):
     """Narrow rows read in place from views one element into their storage (bfloat16 pairs
