@@ -72,15 +72,16 @@ void pack_transposed(const scalar_t* a, int64_t lda, int64_t rows, int64_t padde
   }
 }
 
-// The branch and output rows of a micro-tile (min(rows, MR) rows of B elements, leading
-// dimension ldo) are touched only by its epilogue: requesting them before the products
-// overlaps their cache misses with the arithmetic instead of stalling the stores. Output
-// rows that the epilogue streams (see store_micro_tile) are not requested.
-template <typename scalar_t, int B, int MR>
-inline void prefetch_micro_tile(const scalar_t* branch, int64_t ldo, scalar_t* out, int64_t rows, bool stream) {
-  constexpr int kLine = 64;
-  for (int m = 0; m < MR && m < rows; ++m) {
-    for (int e = 0; e < B * static_cast<int>(sizeof(scalar_t)); e += kLine) {
+// Requests the branch (to read) and output (to write, unless streamed) elements [0, cols)
+// of `rows` rows ldo apart, touched only by an epilogue: asked for before the products, their
+// cache misses overlap the arithmetic instead of stalling the epilogue's loads and stores.
+// Output rows that the epilogue streams are not requested. branch may be null.
+template <typename scalar_t>
+inline void prefetch_rows(const scalar_t* branch, const scalar_t* out, int64_t ldo, int64_t rows, int64_t cols,
+                          bool stream) {
+  constexpr int64_t kLine = 64;
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t e = 0; e < cols * static_cast<int64_t>(sizeof(scalar_t)); e += kLine) {
       if (branch != nullptr) __builtin_prefetch(reinterpret_cast<const char*>(branch + m * ldo) + e, 0);
       if (!stream) __builtin_prefetch(reinterpret_cast<const char*>(out + m * ldo) + e, 1);
     }
@@ -134,7 +135,7 @@ ENTSKIP_MICRO_KERNEL void block_row_micro(const acc_t* P, int64_t ld, const acc_
                                           int64_t rows, bool stream) {
   using V = simd::Vec<acc_t>;
   constexpr int W = Blocking<acc_t, B>::W, NV = Blocking<acc_t, B>::NV;
-  prefetch_micro_tile<scalar_t, B, MR>(branch, ldo, out, rows, stream);
+  prefetch_rows(branch, out, ldo, std::min<int64_t>(rows, MR), B, stream);  // the epilogue's rows
   V acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = V{};
@@ -163,7 +164,7 @@ ENTSKIP_MICRO_KERNEL void block_row_micro_bf16_pairs(const float* P, int64_t ld,
                                                      const c10::BFloat16* branch, int64_t ldo, c10::BFloat16* out,
                                                      int64_t rows, bool stream) {
   constexpr int W = Blocking<float, B>::W, NV = Blocking<float, B>::NV, H = B / 2;
-  prefetch_micro_tile<c10::BFloat16, B, MR>(branch, ldo, out, rows, stream);
+  prefetch_rows(branch, out, ldo, std::min<int64_t>(rows, MR), B, stream);  // the epilogue's rows
   simd::Vec<float> acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = simd::Vec<float>{};

@@ -214,21 +214,6 @@ inline void ff_micro_nv(int64_t nv, const typename Ops::packed_t* P, int64_t ldp
                                                              ldo, rows, cols, stream);
 }
 
-// Requests the branch (to read) and output (to write, unless streamed) elements [e, e + cols)
-// of `rows` rows ldo apart: a chunk's operands for the epilogue of its micro-kernel, asked
-// for one chunk ahead so that their memory latency passes under the products before them.
-template <typename scalar_t>
-inline void prefetch_next_chunk(const scalar_t* branch, scalar_t* out, int64_t e, int64_t ldo, int64_t rows,
-                                int64_t cols, bool stream) {
-  constexpr int64_t kLine = 64;
-  for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t c = 0; c < cols * static_cast<int64_t>(sizeof(scalar_t)); c += kLine) {
-      if (branch != nullptr) __builtin_prefetch(reinterpret_cast<const char*>(branch + e + m * ldo) + c, 0);
-      if (!stream) __builtin_prefetch(reinterpret_cast<const char*>(out + e + m * ldo) + c, 1);
-    }
-  }
-}
-
 // ff_block_product with the packing and products of Ops (FfWidened, FfBf16Pairs).
 template <typename scalar_t, typename acc_t, typename Ops>
 void ff_block_product_with(const scalar_t* a, int64_t d_a, const acc_t* B, const int64_t* ptr, const int64_t* idx,
@@ -266,8 +251,9 @@ void ff_block_product_with(const scalar_t* a, int64_t d_a, const acc_t* B, const
           const int64_t cc = std::min<int64_t>(CW, cols - c0);
           for (int64_t o0 = 0; o0 < b; o0 += MR) {
             const int64_t first = n * d_out * S + (i * b + o0) * S + s0;
-            prefetch_next_chunk(branch, out, first + c0 + CW, S, std::min<int64_t>(MR, b - o0),
-                                std::min<int64_t>(CW, cols - c0 - CW), stream);
+            if (c0 + CW < cols)  // the next chunk's epilogue rows, a whole chunk's products ahead
+              prefetch_rows(branch != nullptr ? branch + first + c0 + CW : nullptr, out + first + c0 + CW, S,
+                            std::min<int64_t>(MR, b - o0), std::min<int64_t>(CW, cols - c0 - CW), stream);
             ff_micro_nv<scalar_t, acc_t, Ops>((cc + W - 1) / W, P.data() + c0, tile, Bp.data(), kb, rpad, idx, ptr[i],
                                               ptr[i + 1], o0, alpha, branch != nullptr ? branch + first + c0 : nullptr,
                                               out + first + c0, S, std::min<int64_t>(MR, b - o0), cc, stream);
